@@ -1,0 +1,162 @@
+"""Process-level set-up of a run: world, device, threads, process group, communicator.
+
+    with Runtime.start(cfg.comm, threads=cfg.run.threads) as rt:
+        rt.comm.allreduce_sum_(flat_fp64_update)
+
+One process: no process group, backend ``"none"``. Several processes with backend gloo or
+nccl: ``init_process_group(init_method="env://")`` after ``ensure_rendezvous``. Backend mpi:
+every collective goes through ``mpi4py`` (no torch process group); the processes must have
+been started by an MPI launcher (``mpiexec``, ``srun --mpi=...``).
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any, Mapping, Optional
+
+import torch
+
+from fedpeft_hpc.comm.collective import Communicator
+from fedpeft_hpc.comm.rendezvous import ensure_rendezvous
+from fedpeft_hpc.comm.world import WorldInfo, detect_world
+from fedpeft_hpc.config.schema import CommConfig
+from fedpeft_hpc.errors import ConfigError
+
+__all__ = ["Runtime", "choose_device", "choose_backend", "default_threads"]
+
+
+def choose_device(cfg: CommConfig, world: WorldInfo) -> torch.device:
+    """``cuda:<local_rank mod visible GPUs>`` when CUDA is wanted and present, else CPU.
+
+    The modulo keeps ``srun --gpus-per-task=1`` (one visible GPU per task) working.
+    """
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return torch.device("cuda", world.local_rank % torch.cuda.device_count())
+    if cfg.device == "cuda":
+        raise ConfigError("comm.device", "'cuda' was asked for but torch sees no CUDA GPU "
+                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
+                          "use comm.device=cpu or auto")
+    return torch.device("cpu")
+
+
+def choose_backend(cfg: CommConfig, device: torch.device) -> str:
+    """The configured backend, with ``auto`` resolved and impossible combinations refused."""
+    if cfg.backend == "auto":
+        return "nccl" if device.type == "cuda" else "gloo"
+    if cfg.backend == "nccl" and device.type != "cuda":
+        raise ConfigError("comm.backend", "'nccl' needs CUDA GPUs but this process runs on "
+                          f"{device}; use comm.backend=gloo or auto (or comm.device=cuda on a GPU node)")
+    return cfg.backend
+
+
+def default_threads(world: WorldInfo) -> int:
+    return max(1, (os.cpu_count() or 1) // max(1, world.local_world_size))
+
+
+class Runtime:
+    """This process's place in the job and its communication handles. Use ``Runtime.start``."""
+
+    def __init__(self, world: WorldInfo, device: torch.device, backend: str, comm: Communicator,
+                 owns_process_group: bool = False):
+        self.world = world
+        self.device = device
+        self.backend = backend
+        self.comm = comm
+        self._owns_pg = owns_process_group
+        self._closed = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.world.rank == 0
+
+    @property
+    def rank(self) -> int:
+        return self.world.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.world.world_size
+
+    @classmethod
+    def start(cls, cfg: CommConfig, threads: int = 0, env: Optional[Mapping[str, str]] = None) -> "Runtime":
+        """Detect the world, pick device and backend, set threads, join the process group.
+
+        ``env`` (default ``os.environ``) is where the launcher's variables are read; the
+        rendezvous always writes ``os.environ`` since that is what torch reads.
+        """
+        world = detect_world(os.environ if env is None else env)
+        device = choose_device(cfg, world)
+        backend = choose_backend(cfg, device)
+        if threads < 0:
+            raise ConfigError("run.threads", f"must be >= 0, got {threads}")
+        torch.set_num_threads(threads if threads > 0 else default_threads(world))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+
+        if world.world_size <= 1:
+            return cls(world, device, "none",
+                       Communicator(0, 1, "none", device=device, timeout_s=cfg.timeout_s))
+
+        if backend == "mpi":
+            _check_mpi(world)
+            return cls(world, device, "mpi",
+                       Communicator(world.rank, world.world_size, "mpi", device=device,
+                                    timeout_s=cfg.timeout_s))
+
+        import torch.distributed as dist
+
+        if not dist.is_available():
+            raise ConfigError("comm.backend", f"this torch build has no torch.distributed; "
+                              f"cannot run {world.world_size} ranks with {backend}")
+        if dist.is_initialized():
+            raise RuntimeError("a torch.distributed process group already exists in this process")
+        ensure_rendezvous(world)
+        kwargs: dict[str, Any] = {}
+        if backend == "nccl":
+            kwargs["device_id"] = device
+        dist.init_process_group(backend, init_method="env://", rank=world.rank,
+                                world_size=world.world_size,
+                                timeout=timedelta(seconds=float(cfg.timeout_s)), **kwargs)
+        return cls(world, device, backend,
+                   Communicator(world.rank, world.world_size, backend, device=device,
+                                timeout_s=cfg.timeout_s),
+                   owns_process_group=True)
+
+    def close(self) -> None:
+        """Leave the process group (if this runtime made one). Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_pg:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w = self.world
+        return (f"Runtime(rank={w.rank}/{w.world_size}, local={w.local_rank}/{w.local_world_size}, "
+                f"launcher={w.launcher}, device={self.device}, backend={self.backend})")
+
+
+def _check_mpi(world: WorldInfo) -> None:
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise ConfigError("comm.backend", "'mpi' needs mpi4py (pip install mpi4py)") from None
+    size = MPI.COMM_WORLD.Get_size()
+    if size != world.world_size or MPI.COMM_WORLD.Get_rank() != world.rank:
+        raise ConfigError("comm.backend",
+                          f"'mpi' needs processes started by an MPI launcher, but mpi4py sees rank "
+                          f"{MPI.COMM_WORLD.Get_rank()} of {size} while {world.launcher} says rank "
+                          f"{world.rank} of {world.world_size}; use comm.backend=gloo/nccl/auto, or "
+                          "start with the mpiexec that matches mpi4py")

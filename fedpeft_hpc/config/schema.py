@@ -1,0 +1,153 @@
+"""Typed configuration: one dataclass per section.
+
+YAML holds values only; every value is coerced to the type declared here and checked
+against the ``choices``/bounds in the field metadata (see ``config.load``). Cross-field
+rules (e.g. clients per round <= clients) live in ``validate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+def opt(default: Any, help: str = "", choices: tuple | None = None, min: float | None = None,
+        max: float | None = None, min_exclusive: bool = False, factory: Any = None) -> Any:
+    """A dataclass field with metadata used by validation and ``--help`` style listings."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    dir: str = opt("runs/default", "where everything of this run is written")
+    resume: str = opt("auto", "auto: continue from checkpoints/latest.safetensors if present; "
+                      "never: refuse a directory that already holds a run; must: fail without a checkpoint",
+                      choices=("auto", "never", "must"))
+    checkpoint_every: int = opt(1, "write the global PEFT state every N rounds (and always at the end)", min=1)
+    keep_checkpoints: int = opt(2, "how many round checkpoints to keep besides latest (0: only latest)", min=0)
+    threads: int = opt(0, "CPU threads per process (0: cores / processes on this node)", min=0)
+    progress: bool = opt(True, "show a progress bar on rank 0")
+    log_level: str = opt("info", "logging level", choices=("debug", "info", "warning", "error"))
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("vit_base_patch16_224", "a timm model name")
+    num_classes: int = opt(100, "classes of the new head", min=1)
+    pretrained: bool = opt(False, "load pre-trained weights (from model.checkpoint, else timm's own source)")
+    checkpoint: Optional[str] = opt(None, "local weights file (.safetensors, .pth, .npz) for offline nodes")
+    pretrain_recipe: Optional[str] = opt(
+        None, "build model.checkpoint with a built-in pre-training recipe when it does not exist yet",
+        choices=(None, "digits"))
+    img_size: Optional[int] = opt(None, "input resolution (default: the model's own)", min=1)
+    kwargs: dict = opt(None, "extra timm.create_model arguments (patch_size, depth, embed_dim, ...)", factory=dict)
+
+
+@dataclass
+class PeftConfig:
+    method: str = opt("bias", "full, head, bias, adapter, prompt, lora")
+    adapter_dim: int = opt(8, "adapter bottleneck width", min=1)
+    adapter_bias: bool = opt(False, "adapters carry bias vectors")
+    adapter_scale: float = opt(1.0, "adapter output scale")
+    prompt_tokens: int = opt(10, "VPT prompt tokens (per layer when deep)", min=1)
+    prompt_deep: bool = opt(True, "VPT-deep (new tokens in every block) or shallow (first block only)")
+    lora_rank: int = opt(8, "LoRA rank", min=1)
+    lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank)", min=0.0, min_exclusive=True)
+    lora_targets: list = opt(None, "layers that get LoRA: qkv, proj, fc1, fc2",
+                             factory=lambda: ["qkv", "proj"])
+
+
+@dataclass
+class DataConfig:
+    name: str = opt("synthetic", "synthetic, digits, cifar10, cifar100, imagefolder")
+    root: str = opt("data", "where the dataset lives")
+    download: bool = opt(False, "allow torchvision to download cifar10/cifar100 into data.root")
+    partition: str = opt("dirichlet", "how training data is split over clients", choices=("iid", "dirichlet"))
+    alpha: float = opt(0.1, "Dirichlet concentration (smaller: more non-IID)", min=0.0, min_exclusive=True)
+    min_samples: int = opt(10, "each client gets at least this many samples (Dirichlet is redrawn)", min=1)
+    partition_file: Optional[str] = opt(None, "reuse a saved partition.json instead of drawing one")
+    batch_size: int = opt(64, "local batch size", min=1)
+    eval_batch_size: int = opt(256, "test-set batch size", min=1)
+    num_workers: int = opt(0, "DataLoader workers for file-backed datasets", min=0)
+    max_train_samples: Optional[int] = opt(None, "subsample the training set without replacement", min=1)
+    test_fraction: float = opt(0.2, "imagefolder without test/ folder: share held out for testing",
+                               min=0.0, max=1.0, min_exclusive=True)
+    synthetic_samples: int = opt(2048, "synthetic: training samples", min=1)
+    synthetic_test_samples: int = opt(512, "synthetic: test samples", min=1)
+
+
+@dataclass
+class FedConfig:
+    num_clients: int = opt(64, "clients in the population", min=1)
+    clients_per_round: int = opt(8, "clients sampled each round", min=1)
+    rounds: int = opt(50, "communication rounds", min=1)
+    local_epochs: int = opt(10, "local epochs per round", min=1)
+    dropout: float = opt(0.0, "probability that a sampled client does not return its update", min=0.0, max=1.0)
+    min_clients: int = opt(1, "rounds where fewer updates arrive keep the global state unchanged", min=1)
+    max_update_norm: Optional[float] = opt(None, "reject updates whose L2 norm exceeds this", min=0.0,
+                                           min_exclusive=True)
+    client_batch: str = opt("off", "clients trained at once per rank: off, auto, or a number")
+
+
+@dataclass
+class OptimConfig:
+    name: str = opt("sgd", "client optimizer", choices=("sgd", "adamw"))
+    lr: float = opt(1e-2, "client learning rate", min=0.0, min_exclusive=True)
+    momentum: float = opt(0.9, "SGD momentum", min=0.0, max=1.0)
+    nesterov: bool = opt(True, "Nesterov momentum (SGD)")
+    weight_decay: float = opt(1e-4, "weight decay", min=0.0)
+    betas: list = opt(None, "AdamW betas", factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class ServerConfig:
+    optimizer: str = opt("fedavg", "server update rule", choices=("fedavg", "fedavgm", "fedadam"))
+    lr: float = opt(1.0, "server learning rate", min=0.0, min_exclusive=True)
+    momentum: float = opt(0.9, "FedAvgM momentum", min=0.0, max=1.0)
+    beta1: float = opt(0.9, "FedAdam beta1", min=0.0, max=1.0)
+    beta2: float = opt(0.99, "FedAdam beta2", min=0.0, max=1.0)
+    eps: float = opt(1e-3, "FedAdam adaptivity tau", min=0.0, min_exclusive=True)
+
+
+@dataclass
+class EvalConfig:
+    every: int = opt(1, "evaluate on the global test set every N rounds (and always in the last)", min=1)
+
+
+@dataclass
+class PrivacyConfig:
+    mode: str = opt("none", "none, sample (DP-SGD on each client), client (client-level DP)",
+                    choices=("none", "sample", "client"))
+    noise_multiplier: Optional[float] = opt(None, "Gaussian noise std / clipping norm", min=0.0)
+    target_epsilon: Optional[float] = opt(None, "derive the noise so that this epsilon is spent at the end",
+                                          min=0.0, min_exclusive=True)
+    delta: float = opt(1e-5, "delta of the (epsilon, delta) guarantee", min=0.0, max=1.0, min_exclusive=True)
+    max_grad_norm: float = opt(1.0, "clipping norm (per sample, or per client update)", min=0.0,
+                               min_exclusive=True)
+    accountant: str = opt("rdp", "privacy accountant", choices=("rdp", "prv"))
+
+
+@dataclass
+class CommConfig:
+    backend: str = opt("auto", "auto (nccl on GPU, gloo on CPU), gloo, nccl, mpi (mpi4py on host buffers)",
+                       choices=("auto", "gloo", "nccl", "mpi"))
+    timeout_s: float = opt(300.0, "collective timeout; a dead rank ends the job after this", min=1.0)
+    device: str = opt("auto", "auto (cuda:LOCAL_RANK when GPUs exist), cpu, cuda", choices=("auto", "cpu", "cuda"))
+
+
+@dataclass
+class Config:
+    seed: int = opt(42, "seed of every random stream (derived per round and client)")
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    comm: CommConfig = field(default_factory=CommConfig)

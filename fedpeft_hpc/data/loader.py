@@ -1,0 +1,83 @@
+"""Batch iteration over dataset indices; in-memory datasets are sliced, others go through a DataLoader."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data._utils.collate import default_collate
+
+from fedpeft_hpc.data.datasets import TensorImageDataset
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def num_batches(n: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches that ``iterate_batches`` yields for ``n`` indices."""
+    return n // batch_size if drop_last else math.ceil(n / batch_size)
+
+
+def _order(indices: np.ndarray, generator: torch.Generator | None, shuffle: bool) -> np.ndarray:
+    indices = np.asarray(indices, dtype=np.int64)
+    if not shuffle:
+        return indices
+    if generator is None:
+        raise ValueError("iterate_batches(shuffle=True) needs a seeded torch.Generator (global RNG is not used)")
+    return indices[torch.randperm(len(indices), generator=generator).numpy()]
+
+
+def iterate_batches(dataset: Dataset, indices: np.ndarray, batch_size: int, generator: torch.Generator | None,
+                    shuffle: bool = True, drop_last: bool = False, num_workers: int = 0) -> Iterator[Batch]:
+    """Yield ``(x, y)`` over ``indices`` (shuffled by ``generator``); same order on both paths."""
+    order = _order(indices, generator, shuffle)
+    if isinstance(dataset, TensorImageDataset):
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            if drop_last and len(idx) < batch_size:
+                break
+            t = torch.from_numpy(idx)
+            yield dataset.images[t], dataset.targets[t]
+        return
+    if len(order) == 0:
+        return
+    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, drop_last=drop_last)
+    for x, y in loader:
+        yield x, torch.as_tensor(y, dtype=torch.int64)
+
+
+def _collate_or_none(items: list[Any]) -> Any:
+    return default_collate(items) if items else None
+
+
+def batches_from_index_lists(dataset: Dataset, index_lists: Iterable[Sequence[int]],
+                             num_workers: int = 0) -> Iterator[Batch]:
+    """Yield one ``(x, y)`` per index list (e.g. Poisson batches); empty lists give empty tensors."""
+    empty: Batch | None = None
+
+    def empty_batch() -> Batch:
+        nonlocal empty
+        if empty is None:
+            x0 = torch.as_tensor(dataset[0][0])
+            empty = (torch.empty((0, *x0.shape), dtype=x0.dtype), torch.empty(0, dtype=torch.int64))
+        return empty
+
+    if isinstance(dataset, TensorImageDataset):
+        for idx in index_lists:
+            if len(idx) == 0:
+                yield empty_batch()
+                continue
+            t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+            yield dataset.images[t], dataset.targets[t]
+        return
+    lists = ([int(i) for i in idx] for idx in index_lists)
+    loader = DataLoader(dataset, batch_sampler=lists, num_workers=num_workers, collate_fn=_collate_or_none)
+    for batch in loader:
+        if batch is None:
+            yield empty_batch()
+        else:
+            x, y = batch
+            yield x, torch.as_tensor(y, dtype=torch.int64)

@@ -1,0 +1,56 @@
+"""The hooks through which privacy shapes a round. ``NoPrivacy`` is plain FedAvg.
+
+The engine calls, per client: ``wrap_optimizer``, ``client_batches``, ``client_update``;
+per round, on every rank: ``finalize`` (after the one all-reduce) and ``account``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedpeft_hpc.data.loader import iterate_batches
+
+
+class NoPrivacy:
+    mode = "none"
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def client_batches(self, dataset, indices: np.ndarray, batch_size: int, epochs: int,
+                       generator: torch.Generator, num_workers: int = 0) -> Iterable:
+        def gen() -> Iterator:
+            for _ in range(epochs):
+                yield from iterate_batches(dataset, indices, batch_size, generator, shuffle=True,
+                                           num_workers=num_workers)
+        return gen()
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, client: int, round_idx: int,
+                       num_samples: int) -> torch.optim.Optimizer:
+        return optimizer
+
+    def client_update(self, delta: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, float]:
+        """The vector a client contributes and its aggregation weight (FedAvg: exact sample count)."""
+        return delta, float(num_samples)
+
+    def finalize(self, update_sum: torch.Tensor, weight_sum: float, round_idx: int) -> torch.Tensor:
+        return update_sum / weight_sum
+
+    def account(self, round_idx: int, trained: Sequence[int]) -> None:
+        pass
+
+    def epsilon(self) -> float | None:
+        return None
+
+    def report(self) -> dict:
+        return {"mode": self.mode}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

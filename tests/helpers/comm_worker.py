@@ -1,0 +1,78 @@
+"""Worker for tests/test_comm.py: one rank of a small job started by torchrun or mpiexec.
+
+    python tests/helpers/comm_worker.py OUT_DIR [--backend gloo|mpi|auto] [--fail-rank R] [--hang-rank R]
+                                        [--timeout S] [--numel N]
+
+Each rank all-reduces rank-dependent fp64 data through Runtime/Communicator and writes
+OUT_DIR/rank{R}.json. With --fail-rank R, rank R exits abruptly (os._exit(1)) after the
+process group is up, while the others enter the aggregation; with --hang-rank R, rank R
+sleeps instead of joining. A rank that sees the
+CollectiveError writes OUT_DIR/error{rank}.txt and exits with status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from fedpeft_hpc.comm import CollectiveError, Runtime
+from fedpeft_hpc.config.schema import CommConfig
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("out_dir")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--fail-rank", type=int, default=-1)
+    p.add_argument("--hang-rank", type=int, default=-1)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--numel", type=int, default=1000)
+    a = p.parse_args()
+
+    cfg = CommConfig(backend=a.backend, timeout_s=a.timeout, device="cpu")
+    with Runtime.start(cfg) as rt:
+        rank, w = rt.world.rank, rt.world.world_size
+        comm = rt.comm
+        comm.barrier()
+        if a.fail_rank >= 0 or a.hang_rank >= 0:
+            if rank == a.fail_rank:
+                os._exit(1)
+            if rank == a.hang_rank:
+                time.sleep(3600)  # alive but never joins the collective
+            time.sleep(0.5)  # let the peer be gone before the collective starts
+            try:
+                comm.allreduce_sum_(torch.zeros(a.numel, dtype=torch.float64))
+            except CollectiveError as e:
+                with open(os.path.join(a.out_dir, f"error{rank}.txt"), "w") as f:
+                    f.write(str(e))
+                sys.stderr.write(f"CollectiveError: {e}\n")
+                sys.stderr.flush()
+                return 3
+            return 0
+
+        buf = torch.arange(a.numel, dtype=torch.float64) * (rank + 1) + rank
+        out = comm.allreduce_sum_(buf)
+        bcast = comm.broadcast_object({"from": rank, "msg": "hello"}, src=0)
+        gathered = comm.allgather_object(rank * 10)
+        res = {
+            "rank": rank, "world_size": w, "launcher": rt.world.launcher, "backend": rt.backend,
+            "local_rank": rt.world.local_rank, "local_world_size": rt.world.local_world_size,
+            "same_object": out is buf, "result": buf.tolist(), "threads": torch.get_num_threads(),
+            "calls": comm.call_count("aggregate"), "last": comm.last["aggregate"].as_dict(),
+            "totals": {k: v.as_dict() for k, v in comm.totals.items()},
+            "broadcast": bcast, "allgather": gathered,
+        }
+    # after close(): the process group is gone and a second close is harmless
+    rt.close()
+    with open(os.path.join(a.out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
