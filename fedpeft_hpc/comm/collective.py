@@ -17,6 +17,8 @@ With one rank no collective is called at all: records show 0 calls, 0 bytes, 0 m
 
 Backends: ``"none"`` (one process), ``"gloo"``/``"nccl"`` (``torch.distributed`` default group),
 ``"mpi"`` (``mpi4py``'s ``COMM_WORLD`` on host buffers; torch wheels have no MPI backend).
+MPI collectives are issued non-blocking and polled so that ``timeout_s`` holds for them too
+(a blocking MPI call would wait forever for a hung rank).
 For ``nccl`` the buffer must live on the GPU: a CPU tensor is copied to ``device``, reduced and
 copied back in place. For ``gloo`` and ``mpi`` a GPU tensor is likewise copied to host and back.
 """
@@ -33,6 +35,8 @@ import torch
 __all__ = ["Communicator", "CollectiveError", "CollectiveRecord"]
 
 BACKENDS = ("none", "gloo", "nccl", "mpi")
+MPI_SPIN_S = 0.05
+MPI_POLL_SLEEP_S = 0.0005
 
 
 class CollectiveError(RuntimeError):
@@ -78,6 +82,8 @@ class Communicator:
         self.timeout_s = timeout_s
         self.last: Dict[str, CollectiveRecord] = {}
         self.totals: Dict[str, CollectiveRecord] = {}
+        #: the first collective failure: the group is unusable afterwards
+        self.failed: Optional[CollectiveError] = None
 
     # -- accounting ---------------------------------------------------------------------
     def call_count(self, tag: str) -> int:
@@ -98,16 +104,61 @@ class Communicator:
             torch.cuda.synchronize(self.device)
 
     def _fail(self, tag: str, err: BaseException) -> CollectiveError:
-        return CollectiveError(
+        error = CollectiveError(
             f"rank {self.rank} of {self.world_size}: collective '{tag}' ({self.backend}) failed: "
             f"{type(err).__name__}: {err}. Another rank probably died or hung; a collective waits "
             f"at most comm.timeout_s={self.timeout_s:g} s before failing.")
+        if self.failed is None:
+            self.failed = error
+        return error
 
     @property
     def _mpi_comm(self) -> Any:
         from mpi4py import MPI  # lazy: only the 'mpi' backend touches it
 
         return MPI.COMM_WORLD
+
+    def _mpi_wait(self, req: Any, tag: str) -> None:
+        """Wait for a non-blocking MPI request, at most ``timeout_s``.
+
+        Blocking MPI collectives never time out; polling ``Test`` keeps comm.timeout_s
+        meaningful. The first ``MPI_SPIN_S`` are spent spinning (as a blocking MPICH call would),
+        then the loop sleeps briefly between polls so a waiting rank leaves the cores to peers
+        still computing. On timeout the request is left pending: the job must end (``Runtime``
+        aborts the MPI job when a ``CollectiveError`` leaves its ``with`` block).
+        """
+        t0 = time.monotonic()
+        deadline = t0 + self.timeout_s
+        while not req.Test():
+            now = time.monotonic()
+            if now > deadline:
+                raise TimeoutError(f"no completion within {self.timeout_s:g} s")
+            if now - t0 > MPI_SPIN_S:
+                time.sleep(MPI_POLL_SLEEP_S)
+
+    def _mpi_bcast_bytes(self, payload: Optional[bytes], src: int, tag: str) -> bytes:
+        import numpy as np
+
+        comm = self._mpi_comm
+        n = np.array([len(payload) if payload is not None else 0], dtype=np.int64)
+        self._mpi_wait(comm.Ibcast(n, root=src), tag)
+        buf = (np.frombuffer(payload, dtype=np.uint8).copy() if payload is not None
+               else np.empty(int(n[0]), dtype=np.uint8))
+        self._mpi_wait(comm.Ibcast(buf, root=src), tag)
+        return buf.tobytes()
+
+    def _mpi_allgather_bytes(self, payload: bytes, tag: str) -> List[bytes]:
+        import numpy as np
+
+        comm = self._mpi_comm
+        mine = np.array([len(payload)], dtype=np.int64)
+        sizes = np.zeros(self.world_size, dtype=np.int64)
+        self._mpi_wait(comm.Iallgather(mine, sizes), tag)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        send = np.frombuffer(payload, dtype=np.uint8).copy()
+        out = np.empty(int(sizes.sum()), dtype=np.uint8)
+        self._mpi_wait(comm.Iallgatherv(send, [out, (sizes, offsets)]), tag)
+        return [out[o:o + s].tobytes() for o, s in zip(offsets.tolist(), sizes.tolist())]
 
     # -- collectives --------------------------------------------------------------------
     def allreduce_sum_(self, buf: torch.Tensor, tag: str = "aggregate") -> torch.Tensor:
@@ -129,13 +180,14 @@ class Communicator:
             if self.backend == "mpi":
                 from mpi4py import MPI
 
-                self._mpi_comm.Allreduce(MPI.IN_PLACE, work.detach().numpy(), op=MPI.SUM)
+                self._mpi_wait(self._mpi_comm.Iallreduce(MPI.IN_PLACE, work.detach().numpy(), op=MPI.SUM),
+                               tag)
             else:
                 import torch.distributed as dist
 
                 dist.all_reduce(work, op=dist.ReduceOp.SUM)
             self._sync()
-        except RuntimeError as e:  # DistBackendError, gloo/nccl timeouts and MPI.Exception included
+        except (RuntimeError, TimeoutError) as e:  # DistBackendError, gloo/nccl/MPI errors, MPI timeout
             raise self._fail(tag, e) from e
         ms = (time.perf_counter() - t0) * 1e3
         if work is not buf:
@@ -154,7 +206,8 @@ class Communicator:
         t0 = time.perf_counter()
         try:
             if self.backend == "mpi":
-                out = self._mpi_comm.bcast(obj, root=src)
+                data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == src else None
+                out = pickle.loads(self._mpi_bcast_bytes(data, src, tag))
             else:
                 import torch.distributed as dist
 
@@ -163,7 +216,7 @@ class Communicator:
                                            device=self.device if self.backend == "nccl" else None)
                 out = box[0]
             self._sync()
-        except RuntimeError as e:
+        except (RuntimeError, TimeoutError) as e:
             raise self._fail(tag, e) from e
         ms = (time.perf_counter() - t0) * 1e3
         size = len(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
@@ -180,14 +233,15 @@ class Communicator:
         t0 = time.perf_counter()
         try:
             if self.backend == "mpi":
-                out = list(self._mpi_comm.allgather(obj))
+                parts = self._mpi_allgather_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), tag)
+                out = [pickle.loads(p) for p in parts]
             else:
                 import torch.distributed as dist
 
                 out = [None] * self.world_size
                 dist.all_gather_object(out, obj)
             self._sync()
-        except RuntimeError as e:
+        except (RuntimeError, TimeoutError) as e:
             raise self._fail(tag, e) from e
         ms = (time.perf_counter() - t0) * 1e3
         sizes = sum(len(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)) for o in out)
@@ -204,7 +258,7 @@ class Communicator:
         t0 = time.perf_counter()
         try:
             if self.backend == "mpi":
-                self._mpi_comm.Barrier()
+                self._mpi_wait(self._mpi_comm.Ibarrier(), tag)
             else:
                 import torch.distributed as dist
 
@@ -213,7 +267,7 @@ class Communicator:
                 else:
                     dist.barrier()
             self._sync()
-        except RuntimeError as e:
+        except (RuntimeError, TimeoutError) as e:
             raise self._fail(tag, e) from e
         self._record(tag, CollectiveRecord(calls=1, ms=(time.perf_counter() - t0) * 1e3,
                                            backend=self.backend))

@@ -7,21 +7,27 @@ One process: no process group, backend ``"none"``. Several processes with backen
 nccl: ``init_process_group(init_method="env://")`` after ``ensure_rendezvous``. Backend mpi:
 every collective goes through ``mpi4py`` (no torch process group); the processes must have
 been started by an MPI launcher (``mpiexec``, ``srun --mpi=...``).
+
+Under an MPI launcher (where mpi4py got imported), an exception leaving the ``with`` block, or
+``close()`` after a failed collective, prints the error and calls ``MPI_Abort``: MPICH's
+finalize at exit would otherwise wait forever for a rank that hangs.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from datetime import timedelta
 from typing import Any, Mapping, Optional
 
 import torch
 
-from fedpeft_hpc.comm.collective import Communicator
+from fedpeft_hpc.comm.collective import CollectiveError, Communicator
 from fedpeft_hpc.comm.rendezvous import ensure_rendezvous
 from fedpeft_hpc.comm.world import WorldInfo, detect_world
 from fedpeft_hpc.config.schema import CommConfig
-from fedpeft_hpc.errors import ConfigError
+from fedpeft_hpc.errors import ConfigError, UserError
 
 __all__ = ["Runtime", "choose_device", "choose_backend", "default_threads"]
 
@@ -99,7 +105,15 @@ class Runtime:
         if world.world_size <= 1:
             return cls(world, device, "none",
                        Communicator(0, 1, "none", device=device, timeout_s=cfg.timeout_s))
+        try:
+            return cls._start_group(cfg, world, device, backend)
+        except BaseException as e:
+            if _mpi_running(world):  # a rank stuck in the rendezvous would keep MPI_Finalize waiting
+                _mpi_abort(world, e)
+            raise
 
+    @classmethod
+    def _start_group(cls, cfg: CommConfig, world: WorldInfo, device: torch.device, backend: str) -> "Runtime":
         if backend == "mpi":
             _check_mpi(world)
             return cls(world, device, "mpi",
@@ -125,11 +139,20 @@ class Runtime:
                                 timeout_s=cfg.timeout_s),
                    owns_process_group=True)
 
-    def close(self) -> None:
-        """Leave the process group (if this runtime made one). Safe to call twice."""
+    def close(self, exc: Optional[BaseException] = None) -> None:
+        """Leave the process group (if this runtime made one). Safe to call twice.
+
+        Under an MPI launcher, if ``exc`` is given or a collective has failed, the MPI job is
+        aborted instead (see ``_mpi_abort``): this call then does not return.
+        """
         if self._closed:
             return
         self._closed = True
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            exc = None  # a clean sys.exit() inside the block is no failure
+        failure = exc if exc is not None else self.comm.failed
+        if failure is not None and _mpi_running(self.world):
+            _mpi_abort(self.world, failure)
         if self._owns_pg:
             import torch.distributed as dist
 
@@ -139,13 +162,47 @@ class Runtime:
     def __enter__(self) -> "Runtime":
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], tb: Any) -> None:
+        self.close(exc)
 
     def __repr__(self) -> str:
         w = self.world
         return (f"Runtime(rank={w.rank}/{w.world_size}, local={w.local_rank}/{w.local_world_size}, "
                 f"launcher={w.launcher}, device={self.device}, backend={self.backend})")
+
+
+def _mpi_running(world: WorldInfo) -> bool:
+    """mpi4py was imported by this process (rendezvous or backend mpi), MPI is still up and
+    its COMM_WORLD is this job (not a singleton MPI inside a torchrun worker)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return False
+    return world.world_size > 1 and mpi.COMM_WORLD.Get_size() == world.world_size
+
+
+def _mpi_abort(world: WorldInfo, exc: BaseException) -> None:
+    """Report ``exc`` and end the whole MPI job.
+
+    Leaving normally would run MPI_Finalize at interpreter exit, and MPICH's finalize waits for
+    every rank (a PMI barrier): with a peer that hangs, or that still waits in a collective for
+    this rank, the job would never end. MPI_Abort makes the launcher kill all ranks instead.
+    Exit status 2 for user errors (as the CLI does), the code of a ``sys.exit(code)``, else 1.
+    """
+    from mpi4py import MPI
+
+    code = 2 if isinstance(exc, UserError) else 1
+    if isinstance(exc, SystemExit):
+        code = exc.code if isinstance(exc.code, int) else 1
+        msg = f"exit {exc.code}\n"
+    elif isinstance(exc, (UserError, CollectiveError, KeyboardInterrupt)):
+        msg = f"{type(exc).__name__}: {exc}\n"
+    else:
+        msg = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    sys.stderr.write(f"[rank {world.rank}/{world.world_size}] {msg}"
+                     f"[rank {world.rank}/{world.world_size}] aborting the MPI job (MPI_Abort)\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    MPI.COMM_WORLD.Abort(code)
 
 
 def _check_mpi(world: WorldInfo) -> None:

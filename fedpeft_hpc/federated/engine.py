@@ -58,8 +58,6 @@ class FederatedRun:
         self.cfg = cfg
         self.env = env
         self.rundir = RunDir(cfg.run.dir, is_main=env.is_main)
-        resume = self.rundir.open(cfg)
-
         self.model, spec = build_model(cfg.model, cfg.peft, cfg.seed)
         self.counts = count_params(self.model)
         self.data = build_datasets(cfg.data, spec, cfg.seed)
@@ -68,6 +66,7 @@ class FederatedRun:
                                                    f"{self.data.num_classes} classes of data.name={cfg.data.name}")
         self.parts = make_partition(cfg.data, self.data.train_targets, cfg.fed.num_clients, cfg.seed)
         self.sizes = np.array([len(p) for p in self.parts], dtype=np.int64)
+        resume = self.rundir.open(cfg)  # only now that model and data are known to be fine
         if env.is_main and not cfg.data.partition_file:
             save_partition(self.rundir.path / "partition.json", self.parts,
                            {"seed": cfg.seed, "partition": cfg.data.partition, "alpha": cfg.data.alpha,

@@ -1,0 +1,263 @@
+"""``privacy.mode=sample``: DP-SGD on each client (Opacus), with a per-client accountant.
+
+Each client k runs real DP-SGD on its own data: Poisson-sampled batches with rate
+``q_k = 1 / ceil(n_k / B)`` and ``ceil(n_k / B)`` steps per local epoch (what Opacus's
+``DPDataLoader`` does), per-sample gradients from Opacus's ``GradSampleModule`` (hooks;
+only modules that hold trainable parameters get them, the frozen backbone none),
+per-sample clipping to ``privacy.max_grad_norm`` and Gaussian noise from Opacus's
+``DPOptimizer``. A sample lives on exactly one client, so the guarantee of the run is
+the largest epsilon any client has spent; every client has its own history of
+``(noise_multiplier, sample_rate, steps)``, one entry per round it trained in, which an
+Opacus accountant turns into epsilon.
+
+Noise: ``privacy.noise_multiplier`` for every client, or calibrated per client from
+``privacy.target_epsilon``: the schedule is a pure function of the seed, so the number
+of rounds R_k each client will train in is known up front, and sigma_k is the smallest
+noise (Opacus's ``get_noise_multiplier``) with which ``R_k * local_epochs * ceil(n_k/B)``
+steps spend at most the target. Every rank computes the same values without talking.
+
+Aggregation stays FedAvg weighted by exact sample counts (the defaults of ``NoPrivacy``):
+the weights are public in this threat model (the server sees which client sent what),
+and DP-SGD protects the samples inside each update.
+
+An empty Poisson batch still is a step of the mechanism (the accountant counts it): its
+forward is skipped (nothing to compute per sample) and the optimizer steps on pure noise
+divided by the expected batch size, as Opacus does for empty batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedpeft_hpc.data.loader import batches_from_index_lists
+from fedpeft_hpc.federated.sampling import CLIENT_NOISE, torch_generator
+from fedpeft_hpc.privacy.accounting import epsilon_of, merge_history, noise_for
+from fedpeft_hpc.privacy.base import NoPrivacy
+
+log = logging.getLogger(__name__)
+
+_SAMPLERS_REGISTERED = False
+
+
+def _prompt_grad_sample(layer: nn.Module, activations: list, backprops: torch.Tensor) -> dict:
+    """Per-sample gradient of ``PromptTokens.tokens``: the output gradient at the prompt positions.
+
+    The layer's output holds ``tokens`` (broadcast over the batch) at positions
+    ``[prefix, prefix + num_tokens)``, so d loss_i / d tokens = backprops[i, prefix:prefix+n].
+    ``backprops`` already carries Opacus's loss-reduction scaling.
+    """
+    if not layer.tokens.requires_grad:
+        return {}
+    start = layer.prefix
+    gs = backprops[:, start:start + layer.num_tokens, :].to(layer.tokens.dtype)
+    return {layer.tokens: gs}
+
+
+def register_grad_samplers() -> None:
+    """Opacus grad samplers for modules it does not know (called before wrapping, not at import).
+
+    - ``PromptTokens`` (VPT): otherwise functorch re-runs the module per sample.
+    - timm's ``LayerNorm`` (a ``nn.LayerNorm`` subclass that calls ``F.layer_norm``): Opacus
+      matches exact types, so without this every block norm falls back to functorch.
+    """
+    global _SAMPLERS_REGISTERED
+    if _SAMPLERS_REGISTERED:
+        return
+    from opacus.grad_sample import register_grad_sampler
+    from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
+
+    from fedpeft_hpc.peft.prompt import PromptTokens
+
+    register_grad_sampler(PromptTokens)(_prompt_grad_sample)
+    try:
+        from timm.layers.norm import LayerNorm as TimmLayerNorm
+    except ImportError:  # pragma: no cover - timm always ships it
+        TimmLayerNorm = None
+    if TimmLayerNorm is not None and issubclass(TimmLayerNorm, nn.LayerNorm):
+        register_grad_sampler(TimmLayerNorm)(compute_layer_norm_grad_sample)
+    _SAMPLERS_REGISTERED = True
+
+
+@functools.lru_cache(maxsize=None)
+def _gsm_classes():
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    class DPGradSampleModule(GradSampleModule):
+        """``GradSampleModule`` that skips the forward of an empty (Poisson) batch.
+
+        The output is an empty leaf that requires grad, so ``loss.backward()`` works and no
+        per-sample hook runs (functorch cannot vmap over zero samples); the optimizer below
+        then steps on noise alone.
+        """
+
+        def forward(self, x, *args, **kwargs):
+            if (isinstance(x, torch.Tensor) and x.shape[0] == 0 and self.training
+                    and torch.is_grad_enabled()):
+                with torch.no_grad():
+                    out = self._module(x, *args, **kwargs)
+                return out.detach().requires_grad_(True)
+            return self._module(x, *args, **kwargs)
+
+    class EmptyBatchDPOptimizer(DPOptimizer):
+        """``DPOptimizer`` that gives an empty batch (no per-sample gradient anywhere) zero samples."""
+
+        def pre_step(self, closure=None):
+            params = self.params
+            if params and all(getattr(p, "grad_sample", None) is None for p in params):
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            return super().pre_step(closure)
+
+    return DPGradSampleModule, EmptyBatchDPOptimizer
+
+
+class SampleDP(NoPrivacy):
+    mode = "sample"
+
+    def __init__(self, cfg, *, client_sizes: Sequence[int], schedule, seed: int, device):
+        pv = cfg.privacy
+        self.accountant = pv.accountant
+        self.delta = float(pv.delta)
+        self.max_grad_norm = float(pv.max_grad_norm)
+        self.target_epsilon = pv.target_epsilon
+        self.fixed_noise = pv.noise_multiplier
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.batch_size = int(cfg.data.batch_size)
+        self.local_epochs = int(cfg.fed.local_epochs)
+        self.sizes = [int(n) for n in client_sizes]
+        self.steps_per_epoch = [math.ceil(n / self.batch_size) for n in self.sizes]
+        self.sample_rates = [1.0 / s for s in self.steps_per_epoch]
+        self.steps_per_round = [self.local_epochs * s for s in self.steps_per_epoch]
+        self.noise: list[float | None] = self._calibrate(cfg, schedule)
+        self.histories: dict[int, list[tuple[float, float, int]]] = {}
+        self.rounds: dict[int, int] = {}
+        self._eps_memo: dict[tuple, float] = {}
+        self.functorch_modules: list[str] = []
+        self._wrapped: nn.Module | None = None
+
+    # -- noise ---------------------------------------------------------------------------
+    def _calibrate(self, cfg, schedule) -> list[float | None]:
+        k_all = len(self.sizes)
+        if self.fixed_noise is not None:
+            sigma = float(self.fixed_noise)
+            if sigma == 0.0:
+                log.warning("privacy.noise_multiplier=0: per-sample clipping only, no privacy (epsilon = inf)")
+            return [sigma] * k_all
+        part = schedule.participation(cfg.fed.rounds)
+        memo: dict[tuple[float, int], float] = {}
+        noise: list[float | None] = []
+        for k in range(k_all):
+            steps = int(part[k]) * self.steps_per_round[k]
+            if steps == 0:
+                noise.append(None)  # never trains: no noise needed, nothing spent
+                continue
+            key = (self.sample_rates[k], steps)
+            if key not in memo:
+                memo[key] = noise_for(self.target_epsilon, self.delta, key[0], steps, self.accountant,
+                                      what=f"client {k} ({self.sizes[k]} samples, {int(part[k])} rounds)")
+            noise.append(memo[key])
+        used = [s for s in noise if s is not None]
+        if used:
+            log.info("sample-level DP: target epsilon %g (delta %g, %s): noise multipliers %.3f..%.3f over %d "
+                     "training clients (%d distinct sampling-rate/steps pairs)", self.target_epsilon, self.delta,
+                     self.accountant, min(used), max(used), len(used), len(memo))
+        return noise
+
+    # -- hooks ---------------------------------------------------------------------------
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        if self._wrapped is not None:
+            if self._wrapped._module is model:
+                return self._wrapped
+            raise RuntimeError("SampleDP.wrap_model: one model per run")
+        register_grad_samplers()
+        gsm_cls, _ = _gsm_classes()
+        self._wrapped = gsm_cls(model, loss_reduction="mean")
+        self.functorch_modules = [name or "<root>" for name, m in model.named_modules()
+                                  if hasattr(m, "ft_compute_sample_grad")]
+        if self.functorch_modules:
+            root = "<root>" in self.functorch_modules
+            log.warning("sample-level DP: per-sample gradients by functorch (slower) for %s%s",
+                        ", ".join(self.functorch_modules[:6]),
+                        " (trainable parameters on the root module, e.g. cls_token/pos_embed under "
+                        "peft.method=full: the whole model is re-run per sample)" if root else "")
+        return self._wrapped
+
+    def client_batches(self, dataset, indices: np.ndarray, batch_size: int, epochs: int,
+                       generator: torch.Generator, num_workers: int = 0) -> Iterable:
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        if batch_size != self.batch_size or epochs != self.local_epochs:
+            raise ValueError(f"SampleDP accounts for batch {self.batch_size} x {self.local_epochs} epochs, "
+                             f"got {batch_size} x {epochs}")
+        indices = np.asarray(indices, dtype=np.int64)
+        n = len(indices)
+        steps_per_epoch = math.ceil(n / batch_size)
+        sampler = UniformWithReplacementSampler(num_samples=n, sample_rate=1.0 / steps_per_epoch,
+                                                generator=generator, steps=epochs * steps_per_epoch)
+        lists = (indices[np.asarray(pos, dtype=np.int64)] for pos in sampler)
+        return batches_from_index_lists(dataset, lists, num_workers=num_workers)
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, client: int, round_idx: int,
+                       num_samples: int) -> torch.optim.Optimizer:
+        _, opt_cls = _gsm_classes()
+        sigma = self.noise[client]
+        if sigma is None:
+            raise RuntimeError(f"client {client} trains in round {round_idx} but the schedule gave it no rounds")
+        if int(num_samples) != self.sizes[client]:
+            raise ValueError(f"client {client}: {num_samples} samples, accounted for {self.sizes[client]}")
+        expected = self.sample_rates[client] * self.sizes[client]
+        gen = torch_generator(self.seed, CLIENT_NOISE, round_idx, client, device=self.device)
+        return opt_cls(optimizer, noise_multiplier=sigma, max_grad_norm=self.max_grad_norm,
+                       expected_batch_size=expected, loss_reduction="mean", generator=gen)
+
+    # -- accounting ----------------------------------------------------------------------
+    def account(self, round_idx: int, trained: Sequence[int]) -> None:
+        for k in trained:
+            k = int(k)
+            entry = (float(self.noise[k]), self.sample_rates[k], self.steps_per_round[k])
+            self.histories[k] = merge_history([*self.histories.get(k, []), entry])
+            self.rounds[k] = self.rounds.get(k, 0) + 1
+
+    def client_epsilon(self, k: int) -> float:
+        key = tuple(self.histories.get(k, ()))
+        if key not in self._eps_memo:
+            self._eps_memo[key] = epsilon_of(key, self.delta, self.accountant)
+        return self._eps_memo[key]
+
+    def epsilon(self) -> float | None:
+        return max((self.client_epsilon(k) for k in self.histories), default=0.0)
+
+    def report(self) -> dict:
+        clients = {}
+        for k in range(len(self.sizes)):
+            hist = self.histories.get(k, [])
+            clients[str(k)] = {
+                "num_samples": self.sizes[k], "noise_multiplier": self.noise[k],
+                "sample_rate": self.sample_rates[k], "steps": int(sum(s for _, _, s in hist)),
+                "steps_per_round": self.steps_per_round[k], "rounds": self.rounds.get(k, 0),
+                "epsilon": self.client_epsilon(k), "history": [list(e) for e in hist]}
+        return {"mode": self.mode, "accountant": self.accountant, "delta": self.delta,
+                "max_grad_norm": self.max_grad_norm, "epsilon": self.epsilon(),
+                "target_epsilon": self.target_epsilon, "noise_multiplier": self.fixed_noise,
+                "batch_size": self.batch_size, "local_epochs": self.local_epochs,
+                "sampling": "Poisson per client: sample_rate = 1/ceil(n/batch_size), ceil(n/batch_size) steps "
+                            "per local epoch; epsilon of the run = max over clients",
+                "functorch_modules": list(self.functorch_modules), "clients": clients}
+
+    def state_dict(self) -> dict:
+        return {"histories": {str(k): [list(e) for e in h] for k, h in self.histories.items()},
+                "rounds": {str(k): r for k, r in self.rounds.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.histories = {int(k): merge_history(h) for k, h in (state or {}).get("histories", {}).items()}
+        self.rounds = {int(k): int(r) for k, r in (state or {}).get("rounds", {}).items()}
+        self._eps_memo.clear()

@@ -1,0 +1,46 @@
+"""Shared helpers: the repo root, a fast tiny config, and a CLI runner for subprocess tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+BIN = Path(sys.executable).parent
+
+
+def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
+    """The quickstart model and data, shrunk to seconds: random-init backbone, 2 short rounds."""
+    return [f"run.dir={run_dir}", "run.progress=false", "run.threads=1", "model.pretrained=false",
+            "fed.rounds=2", "fed.local_epochs=1", "fed.num_clients=8", "fed.clients_per_round=4",
+            "data.min_samples=10", *extra]
+
+
+def subprocess_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fedpeft_hpc", *args], capture_output=True, text=True,
+                          timeout=timeout, env=subprocess_env(**env), cwd=cwd or REPO)
+
+
+@pytest.fixture(scope="session")
+def pretrained_ckpt(tmp_path_factory) -> Path:
+    """The quickstart backbone, pre-trained once per test session by the built-in recipe."""
+    from fedpeft_hpc.config import load_config
+    from fedpeft_hpc.models.pretrain import ensure_pretrained
+
+    path = tmp_path_factory.mktemp("pretrained") / "vit_digits.safetensors"
+    cfg = load_config(QUICKSTART, [f"model.checkpoint={path}"])
+    ensure_pretrained(cfg.model)
+    return path
