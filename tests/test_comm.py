@@ -78,7 +78,8 @@ def test_srun_step_uneven_tasks_per_node():
 
 
 def test_srun_with_ntasks_per_node_only():
-    env = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2"}
+    env = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1",
+           "SLURM_NTASKS_PER_NODE": "2"}
     assert detect_world(env) == WorldInfo(1, 1, 2, 2, "slurm", None)
 
 
@@ -177,7 +178,8 @@ def test_ensure_rendezvous_single_and_torchrun():
     ensure_rendezvous(detect_world(env), env)
     assert env == {}
     with pytest.raises(UserError, match="MASTER_ADDR"):
-        ensure_rendezvous(WorldInfo(0, 0, 2, 2, "torchrun"), {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+        ensure_rendezvous(WorldInfo(0, 0, 2, 2, "torchrun"),
+                          {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
 
 
 # -- runtime in one process -----------------------------------------------------------------
@@ -273,7 +275,8 @@ def _run(cmd: list, limit: float = 90) -> tuple[int, str, float]:
 
 
 def _torchrun(*args) -> list:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", WORKER,
+            *args]
 
 
 def _mpiexec(*args) -> list:
@@ -297,7 +300,8 @@ def _check_results(out_dir: Path, launcher: str, backend: str) -> None:
                 + sum(range(w))).tolist()
     for rank in range(w):
         res = json.loads((out_dir / f"rank{rank}.json").read_text())
-        assert (res["rank"], res["world_size"], res["launcher"], res["backend"]) == (rank, w, launcher, backend)
+        assert (res["rank"], res["world_size"]) == (rank, w)
+        assert (res["launcher"], res["backend"]) == (launcher, backend)
         assert res["local_rank"] == rank and res["local_world_size"] == w
         assert res["result"] == expected
         assert res["same_object"]
@@ -346,11 +350,13 @@ def test_torchrun_dead_rank_ends_job(tmp_path):
 
 @pytest.mark.multiproc
 def test_torchrun_hung_rank_times_out(tmp_path):
-    rc, out, secs = _run(_torchrun(tmp_path, "--hang-rank", "1", "--timeout", "3"), limit=90)
+    rc, out, secs = _run(_torchrun(tmp_path, "--hang-rank", "1", "--timeout", "30",
+                                   "--collective-timeout", "2"), limit=60)
     assert rc != 0, out
     assert secs < 45, out
+    assert (tmp_path / "error0.txt").exists(), out
     msg = (tmp_path / "error0.txt").read_text()
-    assert "rank 0 of 2" in msg and "'aggregate'" in msg and "comm.timeout_s=3" in msg
+    assert "rank 0 of 2" in msg and "'aggregate'" in msg and "comm.timeout_s=2" in msg
     assert "Another rank probably died or hung" in msg
     assert "CollectiveError: rank 0 of 2" in out
 
@@ -361,21 +367,50 @@ def test_torchrun_hung_rank_times_out(tmp_path):
 def test_mpiexec_hung_rank_aborts_job(tmp_path, backend):
     # without MPI_Abort, MPICH's MPI_Finalize on rank 0 would wait for the hung rank forever;
     # with backend mpi a blocking Allreduce would never time out at all
-    rc, out, secs = _run(_mpiexec(tmp_path, "--backend", backend, "--hang-rank", "1", "--timeout", "3"),
-                         limit=90)
+    rc, out, secs = _run(_mpiexec(tmp_path, "--backend", backend, "--hang-rank", "1", "--timeout", "30",
+                                  "--collective-timeout", "2"), limit=60)
     assert rc != 0, out
-    assert secs < 45, out
-    msg = (tmp_path / "error0.txt").read_text()
-    assert f"({backend}) failed" in msg and "comm.timeout_s=3" in msg
-    assert "aborting the MPI job" in out
+    assert secs < 45, out  # a hang (no MPI_Abort) runs into the 60 s limit above
+    err = tmp_path / "error0.txt"
+    assert err.exists(), out
+    msg = err.read_text()
+    assert f"({backend}) failed" in msg and "comm.timeout_s=2" in msg, msg
+    # (the "[rank 0/2] ... aborting the MPI job" line on stderr is not asserted: hydra may drop
+    # output still in flight when it tears the job down)
 
 
 @pytest.mark.multiproc
 @needs_mpi
 def test_mpiexec_dead_rank_ends_job(tmp_path):
-    rc, out, secs = _run(_mpiexec(tmp_path, "--backend", "mpi", "--fail-rank", "1", "--timeout", "20"), limit=90)
+    rc, out, secs = _run(_mpiexec(tmp_path, "--backend", "mpi", "--fail-rank", "1", "--timeout", "20"),
+                         limit=90)
     assert rc != 0, out
     assert secs < 60, out
+
+
+@pytest.mark.multiproc
+def test_submitit_local_executor(tmp_path, monkeypatch):
+    submitit = pytest.importorskip("submitit")
+    for k in list(os.environ):
+        if k in _LAUNCHER_VARS or k.startswith(_LAUNCHER_PREFIXES):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # the job unpickles comm_worker.submitit_task by module name
+    monkeypatch.setenv("PYTHONPATH", f"{WORKER.parent}{os.pathsep}{_env()['PYTHONPATH']}")
+    monkeypatch.syspath_prepend(str(WORKER.parent))
+    import comm_worker
+
+    ex = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="local")
+    ex.update_parameters(tasks_per_node=2, nodes=1, timeout_min=2)
+    job = ex.submit(comm_worker.submitit_task)
+    try:
+        results = job.results()
+    finally:
+        job.cancel(check=False)
+    assert [r["rank"] for r in results] == [0, 1]
+    for r in results:
+        assert (r["world_size"], r["launcher"], r["backend"], r["calls"]) == (2, "submitit", "gloo", 1)
+        assert r["result"] == [3.0] * 4
 
 
 def test_collective_error_is_runtime_error():

@@ -10,7 +10,8 @@ Byte accounting (per call, recorded under a tag):
   ``2 * (W - 1) * B``. It is a model of the traffic, not a measurement: NCCL may use trees,
   gloo and MPI pick their own algorithms, and intra-node traffic may not touch a network.
   For object broadcasts, ``bytes`` is the pickled size times ``W`` and ``ring_bytes`` the
-  pickled size times ``W - 1`` (one copy to every other rank).
+  pickled size times ``W - 1`` (one copy to every other rank); for object all-gathers,
+  ``bytes`` is the sum of every rank's pickled size and ``ring_bytes`` that times ``W - 1``.
 * ``ms``: wall milliseconds of the call on this rank (CUDA is synchronised first and after).
 
 With one rank no collective is called at all: records show 0 calls, 0 bytes, 0 ms.

@@ -12,7 +12,10 @@ when called. It sets ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``,
 * SLURM (srun): ``MASTER_ADDR`` (if unset) is the first host of the step's node list
   (``scontrol show hostnames``), ``MASTER_PORT`` (if unset) is derived from the job and step ids
   so that every task computes the same port without talking: ``20000 + crc32("JOB.STEP") % 20000``.
-* submitit: ``submitit.helpers.TorchDistributedEnvironment().export()``.
+* submitit (local executor): ``submitit.helpers.TorchDistributedEnvironment().export()``, with
+  ``overwrite=True`` (an inherited ``MASTER_PORT`` is still honoured by submitit) and without
+  narrowing ``CUDA_VISIBLE_DEVICES`` (the runtime picks ``cuda:<local_rank>`` itself). Jobs of
+  submitit's SLURM executor run under ``srun`` and take the SLURM path.
 """
 
 from __future__ import annotations

@@ -149,6 +149,7 @@ class FederatedRun:
         cohort = self.schedule.cohort(round_idx)
         trained = self.schedule.trained(round_idx)
         buf = self._train_clients(round_idx, trained)
+        calls_before = env.comm.call_count("aggregate")
         env.comm.allreduce_sum_(buf.buf, tag="aggregate")  # the ONE aggregation collective
         update_sum, stats = buf.split()
         applied = stats.returned >= cfg.fed.min_clients and stats.weight_sum > 0
@@ -172,8 +173,9 @@ class FederatedRun:
             row["epsilon"], row["delta"] = eps, cfg.privacy.delta
         if env.world_size > 1:
             rec = env.comm.last["aggregate"]
-            row.update({"allreduce_bytes": rec["bytes"], "allreduce_ring_bytes": rec["ring_bytes"],
-                        "allreduce_ms": rec["ms"], "allreduce_backend": rec["backend"],
+            row.update({"allreduce_bytes": rec.bytes, "allreduce_ring_bytes": rec.ring_bytes,
+                        "allreduce_ms": rec.ms, "allreduce_backend": rec.backend,
+                        "allreduce_calls": env.comm.call_count("aggregate") - calls_before,
                         "world_size": env.world_size})
         row["wall_s"] = time.perf_counter() - t0
         return row

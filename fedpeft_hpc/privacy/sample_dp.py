@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -179,6 +180,10 @@ class SampleDP(NoPrivacy):
                 return self._wrapped
             raise RuntimeError("SampleDP.wrap_model: one model per run")
         register_grad_samplers()
+        # The first trainable module (patch_embed.proj under bias/full) sees an input that needs no
+        # grad; its full backward hook then fires on output gradients, which is all Opacus uses.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed "
+                                                  "with respect to module outputs", category=UserWarning)
         gsm_cls, _ = _gsm_classes()
         self._wrapped = gsm_cls(model, loss_reduction="mean")
         self.functorch_modules = [name or "<root>" for name, m in model.named_modules()

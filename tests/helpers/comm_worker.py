@@ -1,7 +1,7 @@
 """Worker for tests/test_comm.py: one rank of a small job started by torchrun or mpiexec.
 
     python tests/helpers/comm_worker.py OUT_DIR [--backend gloo|mpi|auto] [--fail-rank R] [--hang-rank R]
-                                        [--timeout S] [--numel N]
+                                        [--timeout S] [--collective-timeout S] [--numel N]
 
 Each rank all-reduces rank-dependent fp64 data through Runtime/Communicator and writes
 OUT_DIR/rank{R}.json. With --fail-rank R, rank R exits abruptly (os._exit(1)) after the
@@ -31,6 +31,9 @@ def main() -> int:
     p.add_argument("--fail-rank", type=int, default=-1)
     p.add_argument("--hang-rank", type=int, default=-1)
     p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--collective-timeout", type=float, default=0.0,
+                   help="after start-up, tighten the collective timeout to this (0: keep --timeout); "
+                        "a short --timeout alone could fail the rendezvous of a rank slow to start")
     p.add_argument("--numel", type=int, default=1000)
     a = p.parse_args()
 
@@ -39,6 +42,14 @@ def main() -> int:
         rank, w = rt.world.rank, rt.world.world_size
         comm = rt.comm
         comm.barrier()
+        if a.collective_timeout > 0:
+            comm.timeout_s = a.collective_timeout
+            if rt.backend == "gloo":
+                from datetime import timedelta
+
+                from torch.distributed.distributed_c10d import _set_pg_timeout
+
+                _set_pg_timeout(timedelta(seconds=a.collective_timeout))
         if a.fail_rank >= 0 or a.hang_rank >= 0:
             if rank == a.fail_rank:
                 os._exit(1)
@@ -72,6 +83,15 @@ def main() -> int:
     with open(os.path.join(a.out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
     return 0
+
+
+def submitit_task() -> dict:
+    """One task of a submitit job (tests/test_comm.py): all-reduce, return what this rank saw."""
+    with Runtime.start(CommConfig(backend="gloo", timeout_s=60, device="cpu")) as rt:
+        buf = torch.full((4,), float(rt.world.rank + 1), dtype=torch.float64)
+        rt.comm.allreduce_sum_(buf)
+        return {"rank": rt.world.rank, "world_size": rt.world.world_size, "launcher": rt.world.launcher,
+                "backend": rt.backend, "result": buf.tolist(), "calls": rt.comm.call_count("aggregate")}
 
 
 if __name__ == "__main__":

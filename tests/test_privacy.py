@@ -1,0 +1,339 @@
+"""Differential privacy: accounting against fresh Opacus accountants, per-sample clipping,
+client-level clipping/noise, and user errors. Tiny models; every check is independent of
+the code under test (per-sample gradients recomputed one sample at a time, epsilons from a
+fresh accountant)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedpeft_hpc.config import load_config
+from fedpeft_hpc.errors import ConfigError
+from fedpeft_hpc.federated.sampling import Schedule
+from fedpeft_hpc.runs.files import read_jsonl
+from tests.conftest import QUICKSTART, run_cli, tiny_overrides
+
+C_SMALL = 0.05  # small enough that every sample of the tests below gets clipped
+
+
+def fresh_epsilon(accountant: str, history, delta: float) -> float:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = [tuple(h) for h in history]
+    return acc.get_epsilon(delta=delta)
+
+
+def small_cfg(*extra: str):
+    return load_config(QUICKSTART, ["model.pretrained=false", "fed.num_clients=1", "fed.clients_per_round=1",
+                                    "fed.local_epochs=1", "data.batch_size=8", *extra])
+
+
+def tiny_model(method: str):
+    import timm
+
+    from fedpeft_hpc.peft import apply_peft
+
+    cfg = small_cfg(f"peft.method={method}", "peft.prompt_tokens=3", "peft.adapter_dim=4", "peft.lora_rank=2")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2,
+                              num_heads=2, num_classes=10)
+    apply_peft(model, cfg.peft)
+    if method in ("adapter", "lora"):  # zero-initialised up/B factors: give them a gradient path
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("up.weight") or n.endswith("lora_B.weight"):
+                    p.normal_(0, 0.1)
+    return model
+
+
+def sample_dp(method: str, *extra: str, n: int = 60):
+    from fedpeft_hpc.privacy.sample_dp import SampleDP
+
+    cfg = small_cfg(f"peft.method={method}", "privacy.mode=sample", f"privacy.max_grad_norm={C_SMALL}",
+                    "optim.momentum=0", "optim.weight_decay=0", *extra)
+    return cfg, SampleDP(cfg, client_sizes=[n], schedule=Schedule(0, 1, 1, 0.0), seed=0, device="cpu")
+
+
+def reference_per_sample_grads(model, params, x, y):
+    """Each sample's own gradient, one forward/backward per sample, no Opacus involved."""
+    out = []
+    for i in range(len(y)):
+        loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+        out.append(torch.autograd.grad(loss, params))
+    return out
+
+
+# -- accounting helpers ------------------------------------------------------------------------
+def test_accounting_helpers_wrap_opacus():
+    from fedpeft_hpc.privacy.accounting import epsilon_of, noise_for
+
+    hist = [(1.1, 0.25, 8), (1.1, 0.25, 8), (2.0, 0.5, 3)]
+    assert epsilon_of(hist, 1e-3, "rdp") == pytest.approx(fresh_epsilon("rdp", hist, 1e-3), rel=1e-9)
+    assert epsilon_of([], 1e-3, "rdp") == 0.0
+    assert epsilon_of([(0.0, 0.5, 1)], 1e-3, "rdp") == math.inf
+    sigma = noise_for(4.0, 1e-3, 0.25, 40, "rdp")
+    eps = fresh_epsilon("rdp", [(sigma, 0.25, 40)], 1e-3)
+    assert 0.95 * 4.0 <= eps <= 4.0
+    with pytest.raises(ConfigError) as e:
+        noise_for(1e-4, 1e-3, 0.25, 40, "rdp")
+    assert e.value.key == "privacy.target_epsilon" and "40 DP steps" in str(e.value)
+
+
+# -- sample-level DP: per-sample gradients and clipping -----------------------------------------
+@pytest.mark.parametrize("method", ["bias", "adapter", "prompt", "lora"])
+def test_per_sample_gradients_are_exact_and_clipped(method):
+    from fedpeft_hpc.peft import peft_params
+
+    torch.manual_seed(1)
+    model = tiny_model(method)
+    cfg, dp = sample_dp(method, "privacy.noise_multiplier=0")
+    wrapped = dp.wrap_model(model)
+    assert dp.functorch_modules == []  # every trainable module has an Opacus (or our) grad sampler
+    params = list(peft_params(model).values())
+    x, y = torch.randn(6, 3, 16, 16) * 3, torch.randint(0, 10, (6,))
+
+    wrapped.disable_hooks()
+    ref = reference_per_sample_grads(model, params, x, y)
+    wrapped.enable_hooks()
+
+    opt = dp.wrap_optimizer(torch.optim.SGD(params, lr=1.0), client=0, round_idx=1, num_samples=60)
+    opt.zero_grad(set_to_none=True)
+    wrapped.train()
+    loss = F.cross_entropy(wrapped(x), y, reduction="sum") / len(y)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert getattr(p, "grad_sample", None) is None, f"frozen {name} got per-sample gradients"
+    for j, p in enumerate(params):
+        assert p.grad_sample.shape == (6, *p.shape)
+        torch.testing.assert_close(p.grad_sample, torch.stack([r[j] for r in ref]), atol=1e-5, rtol=1e-4)
+
+    # clipping: the whole PEFT gradient of each sample is scaled to norm <= C before summing
+    norms = torch.stack([torch.sqrt(sum(g.pow(2).sum() for g in r)) for r in ref])
+    assert (norms > C_SMALL).all()  # the test really exercises clipping
+    factors = (C_SMALL / norms).clamp(max=1.0)
+    for i in range(6):
+        clipped = torch.sqrt(sum((factors[i] * g).pow(2).sum() for g in ref[i]))
+        assert clipped <= C_SMALL + 1e-6
+    before = [p.detach().clone() for p in params]
+    opt.step()  # noise multiplier 0: the update is exactly -lr * sum(clipped) / expected batch size
+    expected_batch = 60 / math.ceil(60 / 8)  # q * n with q = 1 / ceil(n / B), not B
+    for j, p in enumerate(params):
+        clipped_sum = sum(factors[i] * ref[i][j] for i in range(6))
+        torch.testing.assert_close(p.summed_grad, clipped_sum, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(before[j] - p.detach(), clipped_sum / expected_batch, atol=1e-6, rtol=1e-4)
+    total = torch.sqrt(sum(p.summed_grad.pow(2).sum() for p in params))
+    assert total <= 6 * C_SMALL + 1e-6
+
+
+def test_full_fine_tuning_works_through_functorch_and_empty_batches():
+    from fedpeft_hpc.peft import peft_params
+
+    torch.manual_seed(2)
+    model = tiny_model("full")
+    cfg, dp = sample_dp("full", "privacy.noise_multiplier=1.0")
+    wrapped = dp.wrap_model(model)
+    assert dp.functorch_modules == ["<root>"]  # cls_token/pos_embed live on the root module
+    params = list(peft_params(model).values())
+    x, y = torch.randn(3, 3, 16, 16), torch.randint(0, 10, (3,))
+    wrapped.disable_hooks()
+    ref = reference_per_sample_grads(model, params, x, y)
+    wrapped.enable_hooks()
+    opt = dp.wrap_optimizer(torch.optim.SGD(params, lr=0.1), client=0, round_idx=1, num_samples=60)
+    wrapped.train()
+    for batch in (3, 0, 2):  # an empty Poisson batch is a (noise-only) step, not an error
+        opt.zero_grad(set_to_none=True)
+        before = [p.detach().clone() for p in params]
+        out = wrapped(x[:batch])
+        loss = F.cross_entropy(out, y[:batch], reduction="sum") / max(1, batch)
+        loss.backward()
+        if batch == 3:
+            for j in (0, len(params) // 2, len(params) - 1):
+                torch.testing.assert_close(params[j].grad_sample, torch.stack([r[j] for r in ref]),
+                                           atol=1e-5, rtol=1e-4)
+        opt.step()
+        moved = sum(float((b - p.detach()).abs().sum()) for b, p in zip(before, params))
+        assert math.isfinite(moved) and moved > 0  # noise was added even for the empty batch
+
+
+def test_poisson_batches_follow_the_accounted_sampling():
+    cfg, dp = sample_dp("bias", "privacy.noise_multiplier=1.0", "fed.local_epochs=2", n=50)
+    from fedpeft_hpc.data.datasets import TensorImageDataset
+    from fedpeft_hpc.federated.sampling import torch_generator
+
+    ds = TensorImageDataset(torch.randn(200, 3, 16, 16), torch.arange(200))  # label = index
+    idx = np.arange(100, 150)
+
+    def draw(seed):
+        return [y.tolist() for _, y in dp.client_batches(ds, idx, 8, 2, torch_generator(seed, 1), 0)]
+
+    batches = draw(3)
+    assert len(batches) == 2 * math.ceil(50 / 8) == 2 * dp.steps_per_epoch[0]
+    assert dp.sample_rates[0] == 1 / 7
+    assert draw(3) == batches and draw(4) != batches
+    seen = [t for b in batches for t in b]
+    assert len({len(b) for b in batches}) > 1  # Poisson: sizes vary
+    assert set(seen) <= set(idx.tolist())
+    many = [len(y) for s in range(40) for _, y in dp.client_batches(ds, idx, 8, 2, torch_generator(s, 1), 0)]
+    assert abs(np.mean(many) - 50 / 7) < 0.6
+
+
+def test_noise_from_target_epsilon_is_per_client_and_meets_the_target():
+    from fedpeft_hpc.privacy.sample_dp import SampleDP
+
+    cfg = load_config(QUICKSTART, ["privacy.mode=sample", "privacy.target_epsilon=4", "privacy.delta=1e-3",
+                                   "fed.num_clients=6", "fed.clients_per_round=2", "fed.rounds=4",
+                                   "fed.local_epochs=2", "data.batch_size=16"])
+    schedule = Schedule(cfg.seed, 6, 2, 0.0)
+    sizes = [20, 40, 40, 70, 33, 16]
+    dp = SampleDP(cfg, client_sizes=sizes, schedule=schedule, seed=cfg.seed, device="cpu")
+    part = schedule.participation(4)
+    for r in range(1, 5):
+        dp.account(r, schedule.trained(r))
+    for k in range(6):
+        steps = int(part[k]) * 2 * math.ceil(sizes[k] / 16)
+        if steps == 0:
+            assert dp.noise[k] is None
+            continue
+        eps = fresh_epsilon("rdp", [(dp.noise[k], 1 / math.ceil(sizes[k] / 16), steps)], 1e-3)
+        assert 0.95 * 4 <= eps <= 4
+        assert dp.client_epsilon(k) == pytest.approx(eps, rel=1e-9)
+    state = json.loads(json.dumps(dp.state_dict()))
+    again = SampleDP(cfg, client_sizes=sizes, schedule=schedule, seed=cfg.seed, device="cpu")
+    again.load_state_dict(state)
+    assert again.report() == dp.report()
+
+
+# -- end to end: the run's reported epsilon is what a fresh accountant says --------------------
+def test_sample_dp_run_reports_the_epsilon_it_spent(tmp_path):
+    from fedpeft_hpc.train import train
+
+    d = tmp_path / "s"
+    cfg = load_config(QUICKSTART, tiny_overrides(d, "peft.method=prompt", "privacy.mode=sample",
+                                                 "privacy.target_epsilon=3", "privacy.delta=1e-3"))
+    summary = train(cfg)
+    rep = json.loads((d / "privacy.json").read_text())
+    rows = read_jsonl(d / "metrics.jsonl")
+    sizes = [len(c) for c in json.loads((d / "partition.json").read_text())["clients"]]
+    part = Schedule(cfg.seed, cfg.fed.num_clients, cfg.fed.clients_per_round, cfg.fed.dropout).participation(2)
+    eps = []
+    for k, c in rep["clients"].items():
+        k = int(k)
+        s = math.ceil(sizes[k] / cfg.data.batch_size)
+        assert c["num_samples"] == sizes[k] and c["sample_rate"] == 1 / s and c["rounds"] == part[k]
+        assert c["steps"] == part[k] * cfg.fed.local_epochs * s
+        e = fresh_epsilon("rdp", [(c["noise_multiplier"], c["sample_rate"], c["steps"])], rep["delta"]) \
+            if c["steps"] else 0.0
+        assert c["epsilon"] == pytest.approx(e, rel=1e-9)
+        eps.append(e)
+    assert rep["epsilon"] == pytest.approx(max(eps), rel=1e-9)
+    assert rows[-1]["epsilon"] == summary["epsilon"] == rep["epsilon"]
+    assert rows[-1]["delta"] == summary["delta"] == 1e-3
+    assert rows[0]["epsilon"] <= rows[-1]["epsilon"]
+    assert 0.95 * 3 <= rep["epsilon"] <= 3
+    assert json.loads((d / "summary.json").read_text())["epsilon"] == rep["epsilon"]
+
+
+def test_client_dp_run_reports_the_epsilon_it_spent(tmp_path):
+    from fedpeft_hpc.train import train
+
+    d = tmp_path / "c"
+    cfg = load_config(QUICKSTART, tiny_overrides(d, "peft.method=bias", "privacy.mode=client",
+                                                 "privacy.target_epsilon=20", "privacy.accountant=prv"))
+    summary = train(cfg)
+    rep = json.loads((d / "privacy.json").read_text())
+    rows = read_jsonl(d / "metrics.jsonl")
+    q = cfg.fed.clients_per_round / cfg.fed.num_clients
+    assert rep["sample_rate"] == q and rep["steps"] == cfg.fed.rounds == 2
+    assert "without replacement" in rep["sampling"]
+    e = fresh_epsilon("prv", [(rep["noise_multiplier"], q, 2)], cfg.privacy.delta)
+    assert rows[-1]["epsilon"] == summary["epsilon"] == rep["epsilon"] == pytest.approx(e, rel=1e-9)
+    assert 0.95 * 20 <= rep["epsilon"] <= 20
+    e1 = fresh_epsilon("prv", [(rep["noise_multiplier"], q, 1)], cfg.privacy.delta)
+    assert rows[0]["epsilon"] == pytest.approx(e1, rel=1e-9)
+
+
+# -- client-level DP units ---------------------------------------------------------------------
+def client_dp(*extra: str):
+    from fedpeft_hpc.privacy.client_dp import ClientDP
+
+    cfg = load_config(QUICKSTART, ["privacy.mode=client", "privacy.max_grad_norm=0.5", "fed.num_clients=10",
+                                   "fed.clients_per_round=4", *extra])
+    return ClientDP(cfg, client_sizes=[10] * 10, schedule=Schedule(7, 10, 4, 0.0), seed=7, device="cpu")
+
+
+def test_client_dp_clips_each_update_and_weighs_it_one():
+    dp = client_dp("privacy.noise_multiplier=1.0")
+    big = torch.full((1000,), 3.0)
+    vec, w = dp.client_update(big, 123)
+    assert w == 1.0
+    assert float(vec.norm()) == pytest.approx(0.5, rel=1e-6)
+    torch.testing.assert_close(vec / vec.norm(), big / big.norm())  # direction kept
+    small = torch.full((1000,), 1e-3)
+    vec, _ = dp.client_update(small, 5)
+    torch.testing.assert_close(vec, small)
+
+
+def test_client_dp_noise_is_once_per_round_deterministic_and_divided_by_the_cohort():
+    dp, other = client_dp("privacy.noise_multiplier=2.0"), client_dp("privacy.noise_multiplier=2.0")
+    s = torch.zeros(20000, dtype=torch.float64)
+    a = dp.finalize(s, 3.0, round_idx=5)
+    torch.testing.assert_close(a, other.finalize(s.clone(), 1.0, round_idx=5), rtol=0, atol=0)
+    b = dp.finalize(s, 3.0, round_idx=6)
+    assert not torch.equal(a, b)
+    assert a.dtype == torch.float64
+    assert float(a.std()) == pytest.approx(2.0 * 0.5 / 4, rel=0.03)  # sigma * C / m
+    clean = client_dp("privacy.noise_multiplier=0")
+    upd = torch.randn(50, dtype=torch.float64)
+    torch.testing.assert_close(clean.finalize(upd, 2.0, 1), upd / 4)  # m = 4, not the 2 that returned
+    for r in range(1, 4):
+        dp.account(r, [0, 1] if r != 2 else [])  # every round is a step, whoever trained
+    assert dp.report()["steps"] == 3
+    state = json.loads(json.dumps(dp.state_dict()))
+    other.load_state_dict(state)
+    assert other.epsilon() == dp.epsilon() == pytest.approx(
+        fresh_epsilon("rdp", [(2.0, 0.4, 3)], dp.delta), rel=1e-9)
+
+
+# -- user errors -------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad,key", [
+    ("privacy.target_epsilon=0.0001", "privacy.target_epsilon"),
+    ("privacy.delta=1.5", "privacy.delta"),
+    ("privacy.noise_multiplier=-1", "privacy.noise_multiplier"),
+])
+def test_bad_privacy_settings_exit_2_with_a_message(tmp_path, bad, key):
+    r = run_cli("train", str(QUICKSTART), *tiny_overrides(tmp_path / "r", "privacy.mode=sample", bad))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert key in r.stderr
+
+
+# -- the same noise whatever the number of processes -------------------------------------------
+@pytest.mark.multiproc
+@pytest.mark.parametrize("mode", ["client", "sample"])
+def test_dp_runs_are_identical_on_one_and_two_ranks(tmp_path, mode):
+    import subprocess
+    import sys
+
+    from fedpeft_hpc.runs.checkpoint import load_checkpoint
+    from tests.conftest import REPO, subprocess_env
+
+    args = ["train", str(QUICKSTART), f"privacy.mode={mode}", "privacy.noise_multiplier=0.7"]
+    one = run_cli(*args, *tiny_overrides(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "fedpeft_hpc", *args, *tiny_overrides(tmp_path / "two")], capture_output=True,
+                         text=True, timeout=300, env=subprocess_env(), cwd=REPO)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "one" / "checkpoints" / "latest.safetensors").peft
+    b = load_checkpoint(tmp_path / "two" / "checkpoints" / "latest.safetensors").peft
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pa, pb = (json.loads((tmp_path / d / "privacy.json").read_text()) for d in ("one", "two"))
+    assert pa == pb and pa["epsilon"] > 0
