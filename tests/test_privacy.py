@@ -189,15 +189,15 @@ def test_noise_from_target_epsilon_is_per_client_and_meets_the_target():
     from fedpeft_hpc.privacy.sample_dp import SampleDP
 
     cfg = load_config(QUICKSTART, ["privacy.mode=sample", "privacy.target_epsilon=4", "privacy.delta=1e-3",
-                                   "fed.num_clients=6", "fed.clients_per_round=2", "fed.rounds=4",
+                                   "fed.num_clients=4", "fed.clients_per_round=2", "fed.rounds=3",
                                    "fed.local_epochs=2", "data.batch_size=16"])
-    schedule = Schedule(cfg.seed, 6, 2, 0.0)
-    sizes = [20, 40, 40, 70, 33, 16]
+    schedule = Schedule(cfg.seed, 4, 2, 0.0)
+    sizes = [40, 40, 70, 16]
     dp = SampleDP(cfg, client_sizes=sizes, schedule=schedule, seed=cfg.seed, device="cpu")
-    part = schedule.participation(4)
-    for r in range(1, 5):
+    part = schedule.participation(3)
+    for r in range(1, 4):
         dp.account(r, schedule.trained(r))
-    for k in range(6):
+    for k in range(4):
         steps = int(part[k]) * 2 * math.ceil(sizes[k] / 16)
         if steps == 0:
             assert dp.noise[k] is None
@@ -215,14 +215,19 @@ def test_noise_from_target_epsilon_is_per_client_and_meets_the_target():
 def test_sample_dp_run_reports_the_epsilon_it_spent(tmp_path):
     from fedpeft_hpc.train import train
 
+    import shutil
+
+    from fedpeft_hpc.runs.checkpoint import load_checkpoint
+
     d = tmp_path / "s"
-    cfg = load_config(QUICKSTART, tiny_overrides(d, "peft.method=prompt", "privacy.mode=sample",
-                                                 "privacy.target_epsilon=3", "privacy.delta=1e-3"))
+    cfg = load_config(QUICKSTART, tiny_overrides(d, "peft.method=prompt", "privacy.mode=sample", "fed.rounds=3",
+                                                 "privacy.target_epsilon=3", "privacy.delta=1e-3",
+                                                 "run.keep_checkpoints=3"))
     summary = train(cfg)
     rep = json.loads((d / "privacy.json").read_text())
     rows = read_jsonl(d / "metrics.jsonl")
     sizes = [len(c) for c in json.loads((d / "partition.json").read_text())["clients"]]
-    part = Schedule(cfg.seed, cfg.fed.num_clients, cfg.fed.clients_per_round, cfg.fed.dropout).participation(2)
+    part = Schedule(cfg.seed, cfg.fed.num_clients, cfg.fed.clients_per_round, cfg.fed.dropout).participation(3)
     eps = []
     for k, c in rep["clients"].items():
         k = int(k)
@@ -239,6 +244,16 @@ def test_sample_dp_run_reports_the_epsilon_it_spent(tmp_path):
     assert rows[0]["epsilon"] <= rows[-1]["epsilon"]
     assert 0.95 * 3 <= rep["epsilon"] <= 3
     assert json.loads((d / "summary.json").read_text())["epsilon"] == rep["epsilon"]
+
+    # killed after round 2 and resumed: the accountant's state comes back from the checkpoint
+    final = load_checkpoint(d / "checkpoints" / "latest.safetensors")
+    shutil.copy(d / "checkpoints" / "round_00002.safetensors", d / "checkpoints" / "latest.safetensors")
+    (d / "summary.json").unlink()
+    (d / "privacy.json").unlink()
+    assert train(cfg) == summary
+    assert json.loads((d / "privacy.json").read_text()) == rep
+    again = load_checkpoint(d / "checkpoints" / "latest.safetensors")
+    assert all(torch.equal(final.peft[k], again.peft[k]) for k in final.peft)
 
 
 def test_client_dp_run_reports_the_epsilon_it_spent(tmp_path):
@@ -323,11 +338,11 @@ def test_dp_runs_are_identical_on_one_and_two_ranks(tmp_path, mode):
     import sys
 
     from fedpeft_hpc.runs.checkpoint import load_checkpoint
+    from fedpeft_hpc.train import train
     from tests.conftest import REPO, subprocess_env
 
     args = ["train", str(QUICKSTART), f"privacy.mode={mode}", "privacy.noise_multiplier=0.7"]
-    one = run_cli(*args, *tiny_overrides(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr[-3000:]
+    train(load_config(QUICKSTART, [*args[2:], *tiny_overrides(tmp_path / "one")]))  # one process, in this one
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "fedpeft_hpc", *args, *tiny_overrides(tmp_path / "two")], capture_output=True,
                          text=True, timeout=300, env=subprocess_env(), cwd=REPO)

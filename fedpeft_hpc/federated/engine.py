@@ -66,7 +66,10 @@ class FederatedRun:
                                                    f"{self.data.num_classes} classes of data.name={cfg.data.name}")
         self.parts = make_partition(cfg.data, self.data.train_targets, cfg.fed.num_clients, cfg.seed)
         self.sizes = np.array([len(p) for p in self.parts], dtype=np.int64)
-        resume = self.rundir.open(cfg)  # only now that model and data are known to be fine
+        self.schedule = Schedule(cfg.seed, cfg.fed.num_clients, cfg.fed.clients_per_round, cfg.fed.dropout)
+        self.privacy = build_privacy(cfg, client_sizes=self.sizes, schedule=self.schedule, seed=cfg.seed,
+                                     device=env.device)
+        resume = self.rundir.open(cfg)  # only now that model, data and privacy are known to be fine
         if env.is_main and not cfg.data.partition_file:
             save_partition(self.rundir.path / "partition.json", self.parts,
                            {"seed": cfg.seed, "partition": cfg.data.partition, "alpha": cfg.data.alpha,
@@ -76,9 +79,6 @@ class FederatedRun:
         self.params = peft_params(self.model)
         self.layout = FlatLayout(self.params)
         self.global_vec = self.layout.flatten(self.params, torch.float32)
-        self.schedule = Schedule(cfg.seed, cfg.fed.num_clients, cfg.fed.clients_per_round, cfg.fed.dropout)
-        self.privacy = build_privacy(cfg, client_sizes=self.sizes, schedule=self.schedule, seed=cfg.seed,
-                                     device=env.device)
         self.train_model = self.privacy.wrap_model(self.model)
         self.server_opt = build_server_optimizer(cfg.server, self.layout.size, env.device)
         full_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -168,9 +168,7 @@ class FederatedRun:
             row["test_acc"], row["test_loss"] = acc, loss
             self.last_acc = acc
             self.best_acc = acc if self.best_acc is None else max(self.best_acc, acc)
-        eps = self.privacy.epsilon()
-        if eps is not None:
-            row["epsilon"], row["delta"] = eps, cfg.privacy.delta
+        row.update(self._privacy_fields())
         if env.world_size > 1:
             rec = env.comm.last["aggregate"]
             row.update({"allreduce_bytes": rec.bytes, "allreduce_ring_bytes": rec.ring_bytes,
@@ -218,10 +216,18 @@ class FederatedRun:
              "bytes_up_total": self.ledger.bytes_up_total, "bytes_down_total": self.ledger.bytes_down_total,
              "bytes_total": self.ledger.bytes_total, "full_ft_bytes_total": self.ledger.full_ft_bytes_total,
              "world_size": self.env.world_size, "seed": self.cfg.seed}
-        eps = self.privacy.epsilon()
-        if eps is not None:
-            s["epsilon"], s["delta"] = eps, self.cfg.privacy.delta
+        s.update(self._privacy_fields())
         return s
+
+    def _privacy_fields(self) -> dict:
+        """``epsilon`` spent so far (largest over clients) at ``delta``; no noise means no bound:
+        ``epsilon`` null and ``epsilon_unbounded`` true (strict JSON has no infinity)."""
+        eps = self.privacy.epsilon()
+        if eps is None:
+            return {}
+        if math.isinf(eps):
+            return {"epsilon": None, "epsilon_unbounded": True, "delta": self.cfg.privacy.delta}
+        return {"epsilon": eps, "delta": self.cfg.privacy.delta}
 
 
 def _progress(cfg: Config, is_main: bool, start: int):

@@ -6,6 +6,7 @@ entries, each one ``steps`` compositions of the Poisson-subsampled Gaussian mech
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Iterable, Sequence
@@ -70,18 +71,16 @@ def noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: in
     """The noise multiplier with which ``steps`` steps at ``sample_rate`` spend at most ``target_epsilon``.
 
     Wraps ``opacus.accountants.utils.get_noise_multiplier`` (binary search to within 0.01 of
-    the target, from below). Raises ``ConfigError("privacy.target_epsilon", ...)`` when the
-    accountant cannot reach the target with any noise.
+    the target, from below; about a second per call, so results are memoised). Raises
+    ``ConfigError("privacy.target_epsilon", ...)`` when the accountant cannot reach the
+    target with any noise.
     """
-    from opacus.accountants.utils import MAX_SIGMA, get_noise_multiplier
+    from opacus.accountants.utils import MAX_SIGMA
 
     if steps <= 0:
         return 0.0
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                              sample_rate=sample_rate, steps=int(steps), accountant=accountant))
+        return _noise_for(float(target_epsilon), float(delta), float(sample_rate), int(steps), str(accountant))
     except ValueError as e:
         who = f" for {what}" if what else ""
         floor = rdp_floor(delta) if accountant == "rdp" else None
@@ -95,7 +94,18 @@ def noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: in
             f"epsilon={target_epsilon:g} at delta={delta:g} cannot be reached{who}: {int(steps)} DP steps at "
             f"sampling rate {sample_rate:.4g} still spend more with noise multiplier {MAX_SIGMA:g} "
             f"(Opacus {accountant} accountant: {e}).{hint} Try a larger privacy.target_epsilon or "
-            "privacy.delta, fewer fed.rounds or fed.local_epochs, or set privacy.noise_multiplier directly.") from None
+            "privacy.delta, fewer fed.rounds or fed.local_epochs, or set privacy.noise_multiplier directly."
+        ) from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
 
 
 def _rdp_orders() -> list:

@@ -68,12 +68,12 @@ class ClientDP(NoPrivacy):
             if self.noise_multiplier == 0.0:
                 log.warning("privacy.noise_multiplier=0: update clipping only, no privacy (epsilon = inf)")
         else:
-            self.noise_multiplier = noise_for(self.target_epsilon, self.delta, self.sample_rate, self.rounds_planned,
-                                              self.accountant,
-                                              what=f"client-level DP ({self.cohort_size} of {self.num_clients} "
-                                                   f"clients per round, {self.rounds_planned} rounds)")
-            log.info("client-level DP: target epsilon %g (delta %g, %s): noise multiplier %.4f", self.target_epsilon,
-                     self.delta, self.accountant, self.noise_multiplier)
+            what = (f"client-level DP ({self.cohort_size} of {self.num_clients} clients per round, "
+                    f"{self.rounds_planned} rounds)")
+            self.noise_multiplier = noise_for(self.target_epsilon, self.delta, self.sample_rate,
+                                              self.rounds_planned, self.accountant, what=what)
+            log.info("client-level DP: target epsilon %g (delta %g, %s): noise multiplier %.4f",
+                     self.target_epsilon, self.delta, self.accountant, self.noise_multiplier)
         self.history: list[tuple[float, float, int]] = []
         self._eps_memo: dict[tuple, float] = {}
 

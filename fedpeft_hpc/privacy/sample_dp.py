@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from fedpeft_hpc.data.loader import batches_from_index_lists
+from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.sampling import CLIENT_NOISE, torch_generator
 from fedpeft_hpc.privacy.accounting import epsilon_of, merge_history, noise_for
 from fedpeft_hpc.privacy.base import NoPrivacy
@@ -99,20 +100,28 @@ def _gsm_classes():
         then steps on noise alone.
         """
 
+        skipped_empty = False  # the last training forward was an empty batch
+
         def forward(self, x, *args, **kwargs):
-            if (isinstance(x, torch.Tensor) and x.shape[0] == 0 and self.training
-                    and torch.is_grad_enabled()):
-                with torch.no_grad():
-                    out = self._module(x, *args, **kwargs)
-                return out.detach().requires_grad_(True)
+            if self.training and torch.is_grad_enabled():
+                self.skipped_empty = isinstance(x, torch.Tensor) and x.shape[0] == 0
+                if self.skipped_empty:
+                    with torch.no_grad():
+                        out = self._module(x, *args, **kwargs)
+                    return out.detach().requires_grad_(True)
             return self._module(x, *args, **kwargs)
 
     class EmptyBatchDPOptimizer(DPOptimizer):
-        """``DPOptimizer`` that gives an empty batch (no per-sample gradient anywhere) zero samples."""
+        """``DPOptimizer`` that gives the parameters zero samples after an empty batch's skipped forward."""
+
+        def __init__(self, optimizer, *, module, **kwargs):
+            super().__init__(optimizer, **kwargs)
+            self.module = module
 
         def pre_step(self, closure=None):
             params = self.params
-            if params and all(getattr(p, "grad_sample", None) is None for p in params):
+            if (self.module.skipped_empty and params
+                    and all(getattr(p, "grad_sample", None) is None for p in params)):
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
             return super().pre_step(closure)
@@ -184,8 +193,18 @@ class SampleDP(NoPrivacy):
         # grad; its full backward hook then fires on output gradients, which is all Opacus uses.
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed "
                                                   "with respect to module outputs", category=UserWarning)
+        mixing = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if mixing:
+            raise ConfigError("privacy.mode",
+                              f"sample-level DP needs a model whose output for one sample does not depend on the "
+                              f"others; batch norm ({', '.join(mixing[:3])}) mixes the samples of a batch. Use a "
+                              "model with LayerNorm/GroupNorm (e.g. a ViT) or privacy.mode=client")
         gsm_cls, _ = _gsm_classes()
-        self._wrapped = gsm_cls(model, loss_reduction="mean")
+        try:
+            self._wrapped = gsm_cls(model, loss_reduction="mean")
+        except NotImplementedError as e:  # Opacus: a trainable layer with buffers
+            raise ConfigError("privacy.mode", f"Opacus cannot compute per-sample gradients for this model and "
+                                              f"peft.method: {e}") from None
         self.functorch_modules = [name or "<root>" for name, m in model.named_modules()
                                   if hasattr(m, "ft_compute_sample_grad")]
         if self.functorch_modules:
@@ -214,6 +233,8 @@ class SampleDP(NoPrivacy):
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, client: int, round_idx: int,
                        num_samples: int) -> torch.optim.Optimizer:
         _, opt_cls = _gsm_classes()
+        if self._wrapped is None:
+            raise RuntimeError("SampleDP.wrap_optimizer before wrap_model")
         sigma = self.noise[client]
         if sigma is None:
             raise RuntimeError(f"client {client} trains in round {round_idx} but the schedule gave it no rounds")
@@ -221,7 +242,7 @@ class SampleDP(NoPrivacy):
             raise ValueError(f"client {client}: {num_samples} samples, accounted for {self.sizes[client]}")
         expected = self.sample_rates[client] * self.sizes[client]
         gen = torch_generator(self.seed, CLIENT_NOISE, round_idx, client, device=self.device)
-        return opt_cls(optimizer, noise_multiplier=sigma, max_grad_norm=self.max_grad_norm,
+        return opt_cls(optimizer, module=self._wrapped, noise_multiplier=sigma, max_grad_norm=self.max_grad_norm,
                        expected_batch_size=expected, loss_reduction="mean", generator=gen)
 
     # -- accounting ----------------------------------------------------------------------
