@@ -175,3 +175,11 @@ def test_weighting_uses_exact_sample_counts(tmp_path):
     expected = start.double() + sum(w * d for w, d in zip(sizes, deltas)) / sizes.sum()
     assert torch.allclose(fr.global_vec.double(), expected, atol=1e-6)
     assert len(set(sizes.tolist())) > 1  # the clients do differ in size
+
+
+def test_zero_noise_reports_no_epsilon_bound_in_strict_json(tmp_path):
+    run(tmp_path, "r", "privacy.mode=client", "privacy.noise_multiplier=0", "fed.rounds=1")
+    text = (tmp_path / "r" / "metrics.jsonl").read_text() + (tmp_path / "r" / "summary.json").read_text()
+    assert "Infinity" not in text
+    row = read_jsonl(tmp_path / "r" / "metrics.jsonl")[-1]
+    assert row["epsilon"] is None and row["epsilon_unbounded"] is True
