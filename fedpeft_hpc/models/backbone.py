@@ -110,6 +110,8 @@ def build_backbone(cfg: ModelConfig, seed: int, load_weights: bool = True) -> nn
     The same seed gives the same head on every rank; weights come from ``model.checkpoint``
     (offline) or timm's source when ``model.pretrained`` and no checkpoint is given.
     """
+    if load_weights and cfg.checkpoint and not cfg.pretrained:
+        log.warning("model.checkpoint=%s is ignored because model.pretrained=false", cfg.checkpoint)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _create(cfg if load_weights else _without_weights(cfg))
