@@ -42,7 +42,10 @@ def run_quickstart(out: str, methods: str, overrides: list[str], config: str | N
     unknown = [m for m in names if m not in registered_methods()]
     if unknown or not names:
         raise ConfigError("--methods", f"{unknown or methods!r}: choose from {', '.join(registered_methods())}")
+    from fedpeft_hpc.models.pretrain import ensure_pretrained
+
     path = Path(config) if config else embedded_config()
+    ensure_pretrained(load_config(path, list(overrides)).model)  # once, outside the per-method timings
     rows = []
     for method in names:
         lr = LR_BY_METHOD.get(method)
