@@ -22,13 +22,20 @@ def embedded_config() -> Path:
 
 def results_table(rows: list[dict]) -> str:
     full = next((r for r in rows if r["method"] == "full"), None)
-    lines = ["| method  | final acc | best acc | trainable params | MB sent (up+down) | vs full bytes | wall s |",
-             "|---------|-----------|----------|------------------|-------------------|---------------|--------|"]
+    dp = any("delta" in r for r in rows)
+    lines = ["| method  | final acc | best acc | trainable params | MB sent (up+down) | vs full bytes | wall s |"
+             + (" epsilon (delta) |" if dp else ""),
+             "|---------|-----------|----------|------------------|-------------------|---------------|--------|"
+             + ("-----------------|" if dp else "")]
     for r in rows:
         share = f"{100 * r['bytes_total'] / full['bytes_total']:.2f}%" if full else "-"
-        lines.append(f"| {r['method']:<7} | {r['final_acc']:>9.3f} | {r['best_acc']:>8.3f} | "
-                     f"{r['trainable_params']:>16,} | {r['bytes_total'] / 1e6:>17.2f} | {share:>13} | "
-                     f"{r['wall_s']:>6.1f} |")
+        line = (f"| {r['method']:<7} | {r['final_acc']:>9.3f} | {r['best_acc']:>8.3f} | "
+                f"{r['trainable_params']:>16,} | {r['bytes_total'] / 1e6:>17.2f} | {share:>13} | "
+                f"{r['wall_s']:>6.1f} |")
+        if dp:
+            eps = "inf" if r.get("epsilon") is None else f"{r['epsilon']:.3f}"
+            line += f" {eps + ' (' + format(r['delta'], 'g') + ')':>15} |"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -54,3 +54,15 @@ class NoPrivacy:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class DPHooks(NoPrivacy):
+    """What both DP modes read from ``privacy.*``: accountant, delta, clipping norm, target, seed."""
+
+    def __init__(self, cfg, seed: int):
+        pv = cfg.privacy
+        self.accountant = pv.accountant
+        self.delta = float(pv.delta)
+        self.max_grad_norm = float(pv.max_grad_norm)
+        self.target_epsilon = pv.target_epsilon
+        self.seed = int(seed)

@@ -32,7 +32,7 @@ import torch
 
 from fedpeft_hpc.federated.sampling import CENTRAL_NOISE, torch_generator
 from fedpeft_hpc.privacy.accounting import epsilon_of, merge_history, noise_for
-from fedpeft_hpc.privacy.base import NoPrivacy
+from fedpeft_hpc.privacy.base import DPHooks
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +49,12 @@ def clip_update(delta: torch.Tensor, max_norm: float) -> torch.Tensor:
     return delta
 
 
-class ClientDP(NoPrivacy):
+class ClientDP(DPHooks):
     mode = "client"
 
     def __init__(self, cfg, *, client_sizes: Sequence[int], schedule, seed: int, device):
+        super().__init__(cfg, seed)
         pv = cfg.privacy
-        self.accountant = pv.accountant
-        self.delta = float(pv.delta)
-        self.max_grad_norm = float(pv.max_grad_norm)
-        self.target_epsilon = pv.target_epsilon
-        self.seed = int(seed)
         self.num_clients = int(cfg.fed.num_clients)
         self.cohort_size = int(cfg.fed.clients_per_round)
         self.rounds_planned = int(cfg.fed.rounds)

@@ -41,7 +41,7 @@ from fedpeft_hpc.data.loader import batches_from_index_lists
 from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.sampling import CLIENT_NOISE, torch_generator
 from fedpeft_hpc.privacy.accounting import epsilon_of, merge_history, noise_for
-from fedpeft_hpc.privacy.base import NoPrivacy
+from fedpeft_hpc.privacy.base import DPHooks
 
 log = logging.getLogger(__name__)
 
@@ -129,17 +129,13 @@ def _gsm_classes():
     return DPGradSampleModule, EmptyBatchDPOptimizer
 
 
-class SampleDP(NoPrivacy):
+class SampleDP(DPHooks):
     mode = "sample"
 
     def __init__(self, cfg, *, client_sizes: Sequence[int], schedule, seed: int, device):
+        super().__init__(cfg, seed)
         pv = cfg.privacy
-        self.accountant = pv.accountant
-        self.delta = float(pv.delta)
-        self.max_grad_norm = float(pv.max_grad_norm)
-        self.target_epsilon = pv.target_epsilon
         self.fixed_noise = pv.noise_multiplier
-        self.seed = int(seed)
         self.device = torch.device(device)
         self.batch_size = int(cfg.data.batch_size)
         self.local_epochs = int(cfg.fed.local_epochs)
@@ -193,6 +189,9 @@ class SampleDP(NoPrivacy):
         # grad; its full backward hook then fires on output gradients, which is all Opacus uses.
         warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed "
                                                   "with respect to module outputs", category=UserWarning)
+        # functorch's per-sample path repeats this for every step; our own warning below says it once
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented "
+                                                  "the batching rule", category=UserWarning)
         mixing = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         if mixing:
             raise ConfigError("privacy.mode",
