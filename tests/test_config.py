@@ -65,3 +65,12 @@ def test_resolved_config_round_trips():
     from fedpeft_hpc.config import from_dict
 
     assert from_dict(yaml.safe_load(text)) == cfg
+
+
+def test_every_shipped_config_loads():
+    from tests.conftest import REPO
+
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(files) >= 10
+    for f in files:
+        load_config(f)

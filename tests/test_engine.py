@@ -183,3 +183,12 @@ def test_zero_noise_reports_no_epsilon_bound_in_strict_json(tmp_path):
     assert "Infinity" not in text
     row = read_jsonl(tmp_path / "r" / "metrics.jsonl")[-1]
     assert row["epsilon"] is None and row["epsilon_unbounded"] is True
+
+
+def test_adamw_clients_and_fedadam_server_learn(tmp_path, pretrained_ckpt):
+    cfg, summary = run(tmp_path, "r", "optim.name=adamw", "optim.lr=3e-3", "server.optimizer=fedadam",
+                       "server.lr=0.03", "peft.method=lora", "fed.rounds=3", "model.pretrained=true",
+                       f"model.checkpoint={pretrained_ckpt}")
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert summary["final_acc"] > 0.5  # a new head on a pre-trained backbone, 3 rounds; chance is 0.1
