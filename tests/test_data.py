@@ -351,3 +351,13 @@ def test_batches_from_index_lists(tds):
         assert [x[:, 0, 0, 0].long().tolist() for x, _ in out] == lists
         assert out[1][0].shape == (0, 1, 2, 2) and out[1][1].shape == (0,) and out[1][1].dtype == torch.int64
         assert torch.equal(out[0][1], torch.tensor([3, 1, 4]) % 5)
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_epochs_in_one_call_equal_consecutive_calls(tds, wrap):
+    ds = _Wrapped(tds) if wrap else tds
+    idx = np.arange(1, 30, dtype=np.int64)
+    g = torch.Generator().manual_seed(5)
+    separate = _ids(iterate_batches(ds, idx, 8, g)) + _ids(iterate_batches(ds, idx, 8, g))
+    together = _ids(iterate_batches(ds, idx, 8, torch.Generator().manual_seed(5), epochs=2))
+    assert together == separate and len(together) == 2 * num_batches(len(idx), 8)

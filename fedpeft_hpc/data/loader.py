@@ -29,24 +29,27 @@ def _order(indices: np.ndarray, generator: torch.Generator | None, shuffle: bool
     return indices[torch.randperm(len(indices), generator=generator).numpy()]
 
 
-def iterate_batches(dataset: Dataset, indices: np.ndarray, batch_size: int, generator: torch.Generator | None,
-                    shuffle: bool = True, drop_last: bool = False, num_workers: int = 0) -> Iterator[Batch]:
-    """Yield ``(x, y)`` over ``indices`` (shuffled by ``generator``); same order on both paths."""
-    order = _order(indices, generator, shuffle)
-    if isinstance(dataset, TensorImageDataset):
+def _index_batches(indices: np.ndarray, batch_size: int, generator: torch.Generator | None, shuffle: bool,
+                   drop_last: bool, epochs: int) -> Iterator[np.ndarray]:
+    for _ in range(epochs):
+        order = _order(indices, generator, shuffle)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             if drop_last and len(idx) < batch_size:
                 break
-            t = torch.from_numpy(idx)
-            yield dataset.images[t], dataset.targets[t]
-        return
-    if len(order) == 0:
-        return
-    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, drop_last=drop_last)
-    for x, y in loader:
-        yield x, torch.as_tensor(y, dtype=torch.int64)
+            yield idx
+
+
+def iterate_batches(dataset: Dataset, indices: np.ndarray, batch_size: int, generator: torch.Generator | None,
+                    shuffle: bool = True, drop_last: bool = False, num_workers: int = 0,
+                    epochs: int = 1) -> Iterator[Batch]:
+    """Yield ``(x, y)`` over ``indices`` for ``epochs`` passes, each shuffled anew by ``generator``.
+
+    In-memory datasets are sliced; others go through ONE DataLoader for all epochs (workers
+    start once per call, not once per epoch). The order is the same on both paths.
+    """
+    return batches_from_index_lists(
+        dataset, _index_batches(indices, batch_size, generator, shuffle, drop_last, epochs), num_workers)
 
 
 def _collate_or_none(items: list[Any]) -> Any:

@@ -6,7 +6,7 @@ per round, on every rank: ``finalize`` (after the one all-reduce) and ``account`
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -23,11 +23,8 @@ class NoPrivacy:
 
     def client_batches(self, dataset, indices: np.ndarray, batch_size: int, epochs: int,
                        generator: torch.Generator, num_workers: int = 0) -> Iterable:
-        def gen() -> Iterator:
-            for _ in range(epochs):
-                yield from iterate_batches(dataset, indices, batch_size, generator, shuffle=True,
-                                           num_workers=num_workers)
-        return gen()
+        return iterate_batches(dataset, indices, batch_size, generator, shuffle=True, num_workers=num_workers,
+                               epochs=epochs)
 
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, client: int, round_idx: int,
                        num_samples: int) -> torch.optim.Optimizer:
