@@ -51,8 +51,7 @@ def local_address(single_node: bool) -> str:
     """The address other ranks should use to reach this host.
 
     On one node: the loopback address. Across nodes: this host's name if it resolves to a
-    routable address, else the source address of a UDP socket "connected" to a public address
-    (no packet is sent), else the host name anyway.
+    routable address, else the host name anyway (then give rank 0 a ``MASTER_ADDR``).
     """
     if single_node:
         return "127.0.0.1"
@@ -62,15 +61,7 @@ def local_address(single_node: bool) -> str:
             return host
     except OSError:
         pass
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            addr = s.getsockname()[0]
-            if not _is_loopback(addr):
-                return addr
-    except OSError:
-        pass
-    return host
+    return host  # resolves to loopback here: set MASTER_ADDR on rank 0 to a routable address
 
 
 def slurm_master_addr(env: Mapping[str, str]) -> str:

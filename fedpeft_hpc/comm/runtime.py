@@ -157,6 +157,14 @@ class Runtime:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                if failure is None:
+                    # Ranks leave at different times (rank 0 still writes the summary); tearing gloo
+                    # down while a peer is mid-shutdown aborted a rank now and then ("terminate called
+                    # without an active exception"). Leave together.
+                    try:
+                        self.comm.barrier(tag="teardown")
+                    except CollectiveError:
+                        pass
                 dist.destroy_process_group()
 
     def __enter__(self) -> "Runtime":
