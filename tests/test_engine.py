@@ -58,7 +58,7 @@ def test_bytes_are_the_tensors_exchanged(tmp_path):
     assert summary["bytes_up_total"] == rows[-1]["bytes_up_total"]
 
 
-@pytest.mark.parametrize("method", ["bias", "prompt"])
+@pytest.mark.parametrize("method", ["head", "bias", "adapter", "prompt", "lora"])
 def test_frozen_backbone_stays_bit_identical(tmp_path, method):
     from fedpeft_hpc.federated.engine import Env, FederatedRun
     from fedpeft_hpc.peft import frozen_params
