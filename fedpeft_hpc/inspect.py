@@ -24,7 +24,7 @@ def method_counts(cfg: Config, method: str | None = None) -> dict:
 
 def _row(c: dict) -> str:
     return (f"| {c['method']:<8} | {c['total_params']:>13,} | {c['trainable_params']:>13,} | "
-            f"{100 * c['trainable_share']:>8.3f}% | {c['bytes_per_transfer'] / 1e6:>10.3f} |")
+            f"{100 * c['trainable_share']:>8.3f}% | {c['bytes_per_transfer'] / 1e6:>11.3f} |")
 
 
 def inspect_config(cfg: Config, all_methods: bool = False, as_json: bool = False) -> str:
@@ -38,6 +38,6 @@ def inspect_config(cfg: Config, all_methods: bool = False, as_json: bool = False
             out["methods"] = rows
         return json.dumps(out)
     header = (f"{cfg.model.name}, {cfg.model.num_classes} classes\n"
-              "| method   |  total params | trainable     | share     | MB/transfer |\n"
-              "|----------|---------------|---------------|-----------|------------|")
+              "| method   |  total params |     trainable |     share | MB/transfer |\n"
+              "|----------|---------------|---------------|-----------|-------------|")
     return "\n".join([header] + [_row(r) for r in (rows or [main])])
