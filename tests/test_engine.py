@@ -192,3 +192,14 @@ def test_adamw_clients_and_fedadam_server_learn(tmp_path, pretrained_ckpt):
     rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert summary["final_acc"] > 0.5  # a new head on a pre-trained backbone, 3 rounds; chance is 0.1
+
+
+def test_full_ft_comparison_counts_the_backbone_without_peft_modules(tmp_path):
+    from fedpeft_hpc.inspect import method_counts
+
+    cfg, summary = run(tmp_path, "r", "peft.method=adapter", "fed.rounds=1")
+    full = method_counts(cfg, "full")
+    row = read_jsonl(tmp_path / "r" / "metrics.jsonl")[0]
+    transfers = row["sampled"] + row["clients"] + row["rejected"]
+    assert summary["full_ft_bytes_total"] == transfers * full["bytes_per_transfer"]
+    assert method_counts(cfg)["total_params"] > full["total_params"]  # the adapters are not counted

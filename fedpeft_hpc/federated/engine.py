@@ -81,8 +81,7 @@ class FederatedRun:
         self.global_vec = self.layout.flatten(self.params, torch.float32)
         self.train_model = self.privacy.wrap_model(self.model)
         self.server_opt = build_server_optimizer(cfg.server, self.layout.size, env.device)
-        full_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.ledger = ByteLedger(self.counts["bytes_per_transfer"], full_bytes)
+        self.ledger = ByteLedger(self.counts["bytes_per_transfer"], self.model.fedpeft_full_bytes)
         self.start_round = 1
         self.best_acc: float | None = None
         self.last_acc: float | None = None

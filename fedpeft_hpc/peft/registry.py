@@ -53,6 +53,8 @@ def apply_peft(model: nn.Module, cfg: PeftConfig) -> nn.Module:
     _load_builtin()
     if cfg.method not in _METHODS:
         raise KeyError(cfg.method)
+    # what full fine-tuning of this backbone would exchange, before any PEFT module is added
+    model.fedpeft_full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     for p in model.parameters():
         p.requires_grad_(False)
     _METHODS[cfg.method](model, cfg)
