@@ -34,9 +34,8 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fedpeft_hpc.train import train
-
     from fedpeft_hpc.config import load_config
+    from fedpeft_hpc.train import train
 
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg)
@@ -46,9 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from fedpeft_hpc.inspect import inspect_config
-
     from fedpeft_hpc.config import load_config
+    from fedpeft_hpc.inspect import inspect_config
 
     cfg = load_config(args.config, args.overrides)
     print(inspect_config(cfg, all_methods=args.all, as_json=args.json))
