@@ -57,6 +57,12 @@ def epsilon_of(history: Iterable[Sequence], delta: float, accountant: str) -> fl
         return 0.0
     if any(sigma <= 0.0 for sigma, _, _ in hist):
         return math.inf
+    return _epsilon(tuple(hist), float(delta), str(accountant))
+
+
+@functools.lru_cache(maxsize=65536)
+def _epsilon(hist: tuple, delta: float, accountant: str) -> float:
+    """Memoised: every round asks again for the histories that did not change."""
     acc = make_accountant(accountant)
     acc.history = list(hist)
     with warnings.catch_warnings():

@@ -71,7 +71,6 @@ class ClientDP(DPHooks):
             log.info("client-level DP: target epsilon %g (delta %g, %s): noise multiplier %.4f",
                      self.target_epsilon, self.delta, self.accountant, self.noise_multiplier)
         self.history: list[tuple[float, float, int]] = []
-        self._eps_memo: dict[tuple, float] = {}
 
     # -- hooks ---------------------------------------------------------------------------
     def client_update(self, delta: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, float]:
@@ -95,10 +94,7 @@ class ClientDP(DPHooks):
         self.history = merge_history([*self.history, (self.noise_multiplier, self.sample_rate, 1)])
 
     def epsilon(self) -> float | None:
-        key = tuple(self.history)
-        if key not in self._eps_memo:
-            self._eps_memo[key] = epsilon_of(key, self.delta, self.accountant)
-        return self._eps_memo[key]
+        return epsilon_of(self.history, self.delta, self.accountant)
 
     def report(self) -> dict:
         return {"mode": self.mode, "accountant": self.accountant, "delta": self.delta,
@@ -116,4 +112,3 @@ class ClientDP(DPHooks):
 
     def load_state_dict(self, state: dict) -> None:
         self.history = merge_history((state or {}).get("history", []))
-        self._eps_memo.clear()

@@ -146,7 +146,6 @@ class SampleDP(DPHooks):
         self.noise: list[float | None] = self._calibrate(cfg, schedule)
         self.histories: dict[int, list[tuple[float, float, int]]] = {}
         self.rounds: dict[int, int] = {}
-        self._eps_memo: dict[tuple, float] = {}
         self.functorch_modules: list[str] = []
         self._wrapped: nn.Module | None = None
 
@@ -253,10 +252,7 @@ class SampleDP(DPHooks):
             self.rounds[k] = self.rounds.get(k, 0) + 1
 
     def client_epsilon(self, k: int) -> float:
-        key = tuple(self.histories.get(k, ()))
-        if key not in self._eps_memo:
-            self._eps_memo[key] = epsilon_of(key, self.delta, self.accountant)
-        return self._eps_memo[key]
+        return epsilon_of(self.histories.get(k, ()), self.delta, self.accountant)
 
     def epsilon(self) -> float | None:
         return max((self.client_epsilon(k) for k in self.histories), default=0.0)
@@ -285,4 +281,3 @@ class SampleDP(DPHooks):
     def load_state_dict(self, state: dict) -> None:
         self.histories = {int(k): merge_history(h) for k, h in (state or {}).get("histories", {}).items()}
         self.rounds = {int(k): int(r) for k, r in (state or {}).get("rounds", {}).items()}
-        self._eps_memo.clear()
