@@ -158,23 +158,21 @@ class SampleDP(DPHooks):
                 log.warning("privacy.noise_multiplier=0: per-sample clipping only, no privacy (epsilon = inf)")
             return [sigma] * k_all
         part = schedule.participation(cfg.fed.rounds)
-        memo: dict[tuple[float, int], float] = {}
+        pairs: set[tuple[float, int]] = set()  # noise_for memoises each (sampling rate, steps) pair
         noise: list[float | None] = []
         for k in range(k_all):
             steps = int(part[k]) * self.steps_per_round[k]
             if steps == 0:
                 noise.append(None)  # never trains: no noise needed, nothing spent
                 continue
-            key = (self.sample_rates[k], steps)
-            if key not in memo:
-                memo[key] = noise_for(self.target_epsilon, self.delta, key[0], steps, self.accountant,
-                                      what=f"client {k} ({self.sizes[k]} samples, {int(part[k])} rounds)")
-            noise.append(memo[key])
+            pairs.add((self.sample_rates[k], steps))
+            noise.append(noise_for(self.target_epsilon, self.delta, self.sample_rates[k], steps, self.accountant,
+                                   what=f"client {k} ({self.sizes[k]} samples, {int(part[k])} rounds)"))
         used = [s for s in noise if s is not None]
         if used:
             log.info("sample-level DP: target epsilon %g (delta %g, %s): noise multipliers %.3f..%.3f over %d "
                      "training clients (%d distinct sampling-rate/steps pairs)", self.target_epsilon, self.delta,
-                     self.accountant, min(used), max(used), len(used), len(memo))
+                     self.accountant, min(used), max(used), len(used), len(pairs))
         return noise
 
     # -- hooks ---------------------------------------------------------------------------
