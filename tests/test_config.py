@@ -1,9 +1,10 @@
 import pytest
 import yaml
 
-from fedpeft_hpc.config import load_config, to_dict
+from fedpeft_hpc.config import dotted, load_config, to_dict
 from fedpeft_hpc.errors import ConfigError, UserError
-from tests.conftest import QUICKSTART
+from fedpeft_hpc.preflight import check_names
+from tests.conftest import QUICKSTART, REPO, run_cli
 
 
 def test_yaml_1_1_values_are_coerced_by_declared_type(tmp_path):
@@ -40,10 +41,12 @@ def test_overrides_reach_nested_and_free_form_keys():
     ("fed.client_batch=auto", "fed.client_batch", "valid: off"),
     ("privacy.delta=1.5", "privacy.delta", "<= 1"),
     ("privacy.noise_multiplier=-1", "privacy.noise_multiplier", ">= 0"),
+    ("peft.lora_targets=qkv,mlp", "peft.lora_targets", "qkv, proj, fc1, fc2"),
+    ("optim.name=adam", "optim.name", "Did you mean 'adamw'"),
 ])
 def test_bad_values_name_the_key_and_what_is_valid(override, key, words):
     with pytest.raises(ConfigError) as e:
-        load_config(QUICKSTART, [override])
+        check_names(load_config(QUICKSTART, [override]))
     assert e.value.key == key
     assert words in str(e.value)
 
@@ -68,9 +71,67 @@ def test_resolved_config_round_trips():
 
 
 def test_every_shipped_config_loads():
-    from tests.conftest import REPO
-
     files = sorted((REPO / "configs").rglob("*.yaml"))
     assert len(files) >= 10
     for f in files:
         load_config(f)
+
+
+def test_base_files_are_loaded_first_and_overridden(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("seed: 1\nfed:\n  rounds: 7\n  num_clients: 20\nmodel:\n"
+                                        "  kwargs: {depth: 2, embed_dim: 32}\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../base.yaml\nfed:\n  rounds: 5\n")
+    (tmp_path / "sub" / "top.yaml").write_text("base: mid.yaml\nmodel:\n  kwargs: {depth: 3}\n")
+    cfg = load_config(tmp_path / "sub" / "top.yaml", ["fed.clients_per_round=4"])
+    assert (cfg.seed, cfg.fed.rounds, cfg.fed.num_clients, cfg.fed.clients_per_round) == (1, 5, 20, 4)
+    assert cfg.model.kwargs == {"depth": 3}  # kwargs describe one architecture: replaced whole, not merged
+
+
+def test_base_errors_name_the_file(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(UserError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(UserError, match="missing.yaml does not exist"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_config_show_prints_the_resolved_config_and_runs_nothing(tmp_path):
+    res = run_cli("config", "show", str(QUICKSTART), "fed.rounds=3", f"run.dir={tmp_path / 'r'}")
+    assert res.returncode == 0, res.stderr
+    shown = yaml.safe_load(res.stdout)
+    assert shown == to_dict(load_config(QUICKSTART, ["fed.rounds=3", f"run.dir={tmp_path / 'r'}"]))
+    assert not (tmp_path / "r").exists()
+    bad = run_cli("config", "show", str(QUICKSTART), "peft.method=lorra")
+    assert bad.returncode == 2 and "peft.method" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_config_keys_lists_every_key_with_its_help():
+    from fedpeft_hpc.config.describe import config_keys
+    from fedpeft_hpc.preflight import registry_choices
+
+    keys = {k.key: k for k in config_keys(registry_choices())}
+    flat = set(dotted(to_dict(load_config(None))))
+    assert set(keys) == flat
+    assert all(k.help for k in keys.values())
+    assert keys["peft.method"].choices == ("adapter", "bias", "full", "head", "lora", "prompt")
+    assert keys["privacy.mode"].choices == ("none", "sample", "client")
+    assert keys["fed.dropout"].bounds == ">= 0, <= 1"
+    res = run_cli("config", "keys")
+    assert res.returncode == 0 and "privacy.delta" in res.stdout
+
+
+def test_readme_key_table_is_generated_from_the_schema():
+    """README's table between the markers is exactly `fedpeft-hpc config keys --markdown`."""
+    from fedpeft_hpc.config.describe import config_keys, keys_markdown
+    from fedpeft_hpc.preflight import registry_choices
+
+    readme = (REPO / "README.md").read_text()
+    start, end = "<!-- config-keys:start -->", "<!-- config-keys:end -->"
+    assert start in readme and end in readme
+    table = readme.split(start, 1)[1].split(end, 1)[0].strip()
+    assert table == keys_markdown(config_keys(registry_choices())), \
+        "README's key table is stale: regenerate it with `fedpeft-hpc config keys --markdown`"
+

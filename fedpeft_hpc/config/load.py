@@ -8,7 +8,6 @@ metadata. Errors name the dotted key and what would be valid.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import types
 import typing
@@ -19,6 +18,7 @@ import yaml
 
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.errors import ConfigError, UserError
+from fedpeft_hpc.utils.hints import did_you_mean
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
                "false": False, "no": False, "off": False, "0": False}
@@ -35,13 +35,61 @@ def _hints(cls) -> dict[str, Any]:
 
 def _unknown(key: str, name: str, valid: Iterable[str]) -> ConfigError:
     valid = sorted(valid)
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
+    hint = did_you_mean(name, valid)
     where = key.rsplit(".", 1)[0] + "." if "." in key else ""
     return ConfigError(key, f"unknown key.{hint} Valid keys here: {', '.join(where + v for v in valid)}")
 
 
+def _to_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, str)) and str(value).strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[str(value).strip().lower()]
+    raise ConfigError(key, f"expected true or false, got {value!r}")
+
+
+def _to_int(key: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            try:
+                f = float(value)
+            except ValueError:
+                f = None
+            if f is not None and f.is_integer():
+                return int(f)
+    raise ConfigError(key, f"expected an integer, got {value!r}")
+
+
+def _to_float(key: str, value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(key, f"expected a number, got {value!r}")
+
+
+def _to_str(key: str, value: Any) -> str:
+    if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+        return "on" if value else "off"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise ConfigError(key, f"expected a string, got {value!r}")
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
 def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """``value`` as the declared type ``tp`` (scalars, Optional, list of scalars, dict)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -49,47 +97,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
             return None
         return _coerce(key, value, inner[0])
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, (int, str)) and str(value).strip().lower() in _BOOL_WORDS:
-            return _BOOL_WORDS[str(value).strip().lower()]
-        raise ConfigError(key, f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(key, f"expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                try:
-                    f = float(value)
-                except ValueError:
-                    f = None
-                if f is not None and f.is_integer():
-                    return int(f)
-        raise ConfigError(key, f"expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(key, f"expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise ConfigError(key, f"expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
-            return "on" if value else "off"
-        if isinstance(value, (str, int, float)):
-            return str(value)
-        raise ConfigError(key, f"expected a string, got {value!r}")
+    if tp in _SCALARS:
+        return _SCALARS[tp](key, value)
     if origin is list or tp is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -110,7 +119,13 @@ def _check_meta(key: str, value: Any, meta: dict) -> None:
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         shown = ", ".join("null" if c is None else str(c) for c in choices)
-        raise ConfigError(key, f"{value!r} is not one of: {shown}")
+        raise ConfigError(key, f"{value!r} is not one of: {shown}.{did_you_mean(str(value), map(str, choices))}"
+                          .rstrip("."))
+    items = meta.get("item_choices")
+    if items is not None and isinstance(value, list):
+        bad = [v for v in value if v not in items]
+        if bad or not value:
+            raise ConfigError(key, f"{value!r}: a non-empty list of {', '.join(map(str, items))}")
     if value is None or isinstance(value, (bool, str, list, dict)):
         return
     lo, hi = meta.get("min"), meta.get("max")
@@ -176,8 +191,7 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return data
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
-    p = Path(path)
+def _read_one(p: Path) -> dict:
     if not p.is_file():
         raise UserError(f"config file {p} does not exist")
     try:
@@ -189,6 +203,41 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"config file {p} must hold a mapping of sections (seed, run, model, ...)")
     return data
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``: sections merge key by key, any other value replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs":
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """The mapping of a config file, with its ``base:`` file (relative to it) loaded first.
+
+    ``model.kwargs`` is replaced whole, not merged: a file's kwargs describe one architecture.
+    """
+    p = Path(path).expanduser()
+    real = p.resolve()
+    if real in _chain:
+        cycle = " -> ".join(str(c) for c in (*_chain, real))
+        raise UserError(f"config file {p}: its base: files form a cycle ({cycle})")
+    data = _read_one(p)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise UserError(f"config file {p}: base: must be the path of another config file, got {base!r}")
+    base_path = Path(os.path.expanduser(base))
+    if not base_path.is_absolute():
+        base_path = p.parent / base_path
+    if not base_path.is_file():
+        raise UserError(f"config file {p}: base: {base} does not exist (looked for {base_path})")
+    return merge(read_yaml(base_path, (*_chain, real)), data)
 
 
 def from_dict(data: dict) -> Config:
@@ -203,6 +252,17 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
     return from_dict(apply_overrides(data, overrides))
 
 
+def dotted(d: dict, prefix: str = "") -> dict:
+    """A nested config mapping as ``{"section.key": value}`` (``model.kwargs`` stays one value)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -212,10 +272,8 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def validate(cfg: Config) -> None:
-    """Rules that involve more than one field or a registry."""
-    from fedpeft_hpc.data.datasets import DATASETS
-    from fedpeft_hpc.peft import registered_methods
-
+    """Rules that involve more than one field. Names kept in registries (``peft.method``,
+    ``data.name``) are checked by the registries themselves (``fedpeft_hpc.preflight``)."""
     fed = cfg.fed
     if fed.clients_per_round > fed.num_clients:
         raise ConfigError("fed.clients_per_round",
@@ -227,16 +285,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("fed.client_batch",
                           f"{fed.client_batch!r}: batched client training is not implemented in this version; "
                           "valid: off")
-    methods = registered_methods()
-    if cfg.peft.method not in methods:
-        close = difflib.get_close_matches(cfg.peft.method, methods, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError("peft.method", f"unknown method {cfg.peft.method!r}.{hint} Valid: {', '.join(methods)}")
-    bad = [t for t in cfg.peft.lora_targets if t not in ("qkv", "proj", "fc1", "fc2")]
-    if bad or not cfg.peft.lora_targets:
-        raise ConfigError("peft.lora_targets", f"{cfg.peft.lora_targets!r}: choose from qkv, proj, fc1, fc2")
-    if cfg.data.name not in DATASETS:
-        raise ConfigError("data.name", f"unknown dataset {cfg.data.name!r}. Valid: {', '.join(sorted(DATASETS))}")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError("optim.betas", f"{cfg.optim.betas!r}: two numbers in [0, 1)")
     pv = cfg.privacy

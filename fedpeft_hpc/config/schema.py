@@ -12,9 +12,12 @@ from typing import Any, Optional
 
 
 def opt(default: Any, help: str = "", choices: tuple | None = None, min: float | None = None,
-        max: float | None = None, min_exclusive: bool = False, factory: Any = None) -> Any:
-    """A dataclass field with metadata used by validation and ``--help`` style listings."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+        max: float | None = None, min_exclusive: bool = False, factory: Any = None,
+        item_choices: tuple | None = None) -> Any:
+    """A dataclass field with the metadata that validation and ``fedpeft-hpc config keys`` read:
+    help text, allowed values (``choices``, or ``item_choices`` for each element of a list) and bounds."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
+            "item_choices": item_choices}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -30,6 +33,8 @@ class RunConfig:
     keep_checkpoints: int = opt(2, "how many round checkpoints to keep besides latest (0: only latest)", min=0)
     threads: int = opt(0, "CPU threads per process (0: cores / processes on this node)", min=0)
     progress: bool = opt(True, "show a progress bar on rank 0")
+    tensorboard: bool = opt(False, "also write every round's metrics as TensorBoard scalars to run.dir/tensorboard "
+                                   "(needs the tensorboard package)")
     log_level: str = opt("info", "logging level", choices=("debug", "info", "warning", "error"))
 
 
@@ -48,7 +53,7 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = opt("bias", "full, head, bias, adapter, prompt, lora")
+    method: str = opt("bias", "what is trained and exchanged: a registered PEFT method")
     adapter_dim: int = opt(8, "adapter bottleneck width", min=1)
     adapter_bias: bool = opt(False, "adapters carry bias vectors")
     adapter_scale: float = opt(1.0, "adapter output scale")
@@ -56,13 +61,13 @@ class PeftConfig:
     prompt_deep: bool = opt(True, "VPT-deep (new tokens in every block) or shallow (first block only)")
     lora_rank: int = opt(8, "LoRA rank", min=1)
     lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank)", min=0.0, min_exclusive=True)
-    lora_targets: list = opt(None, "layers that get LoRA: qkv, proj, fc1, fc2",
-                             factory=lambda: ["qkv", "proj"])
+    lora_targets: list = opt(None, "layers of every block that get LoRA", factory=lambda: ["qkv", "proj"],
+                             item_choices=("qkv", "proj", "fc1", "fc2"))
 
 
 @dataclass
 class DataConfig:
-    name: str = opt("synthetic", "synthetic, digits, cifar10, cifar100, imagefolder")
+    name: str = opt("synthetic", "a registered dataset")
     root: str = opt("data", "where the dataset lives")
     download: bool = opt(False, "allow torchvision to download cifar10/cifar100 into data.root")
     partition: str = opt("dirichlet", "how training data is split over clients", choices=("iid", "dirichlet"))

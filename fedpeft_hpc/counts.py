@@ -1,0 +1,43 @@
+"""``fedpeft-hpc inspect``: what a PEFT method trains and sends, without data or weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from fedpeft_hpc.config.schema import Config
+from fedpeft_hpc.models import build_model
+from fedpeft_hpc.peft import count_params, registered_methods
+
+
+def method_counts(cfg: Config, method: str | None = None) -> dict:
+    """Total and trainable parameters and bytes per one-way transfer of ``method`` (default: the config's)."""
+    peft_cfg = cfg.peft if method is None else dataclasses.replace(cfg.peft, method=method)
+    built = build_model(cfg.model, peft_cfg, cfg.seed, load_weights=False)
+    counts = count_params(built.model)
+    counts["method"] = peft_cfg.method
+    counts["model"] = cfg.model.name
+    counts["num_classes"] = cfg.model.num_classes
+    counts["trainable_share"] = counts["trainable_params"] / counts["total_params"]
+    counts["full_bytes_per_transfer"] = built.full_bytes_per_transfer
+    return counts
+
+
+def _row(c: dict) -> str:
+    return (f"| {c['method']:<8} | {c['total_params']:>13,} | {c['trainable_params']:>13,} | "
+            f"{100 * c['trainable_share']:>8.3f}% | {c['bytes_per_transfer'] / 1e6:>11.3f} |")
+
+
+def counts_report(cfg: Config, all_methods: bool = False, as_json: bool = False) -> str:
+    """The ``inspect`` output: a table (one row, or one per registered method) or one JSON object."""
+    main = method_counts(cfg)
+    rows = [method_counts(cfg, m) for m in registered_methods()] if all_methods else []
+    if as_json:
+        out = dict(main)
+        if rows:
+            out["methods"] = rows
+        return json.dumps(out)
+    header = (f"{cfg.model.name}, {cfg.model.num_classes} classes\n"
+              "| method   |  total params |     trainable |     share | MB/transfer |\n"
+              "|----------|---------------|---------------|-----------|-------------|")
+    return "\n".join([header] + [_row(r) for r in (rows or [main])])
