@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft-hpc {train,inspect,pretrain,quickstart} ...`` (same as ``python -m fedpeft_hpc``).
+"""Command line: ``fedpeft-hpc {train,inspect,config,pretrain,quickstart} ...`` (same as ``python -m fedpeft_hpc``).
 
 Bad input ends with a one-line message naming the key or file, exit status 2, and no
 traceback. Heavy imports happen inside the commands, so ``--help`` is instant.
@@ -8,23 +8,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
 from typing import Sequence
 
-log = logging.getLogger("fedpeft_hpc")
+from fedpeft_hpc.errors import UserError
+from fedpeft_hpc.utils.logs import setup_logging
 
 EXIT_USER_ERROR = 2
 
 
-def setup_logging(level: str = "info", is_main: bool = True) -> None:
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper()) if is_main else logging.WARNING)
+def _load(args: argparse.Namespace):
+    """The config of ``args.config`` + ``args.overrides``, checked against the registries."""
+    from fedpeft_hpc.config import load_config
+    from fedpeft_hpc.preflight import check_names
+
+    return check_names(load_config(args.config, args.overrides))
+
+
+def _log_for(cfg) -> None:
+    """Console logging at ``run.log_level`` on rank 0 (warnings elsewhere), ranks from the launcher."""
+    from fedpeft_hpc.comm.world import detect_world
+
+    world = detect_world()
+    setup_logging(cfg.run.log_level, world.rank, world.world_size)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USER_ERROR
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -34,10 +46,10 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fedpeft_hpc.config import load_config
     from fedpeft_hpc.train import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
+    _log_for(cfg)
     summary = train(cfg)
     if summary is not None:
         print(json.dumps(summary))
@@ -45,20 +57,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from fedpeft_hpc.config import load_config
-    from fedpeft_hpc.inspect import inspect_config
+    from fedpeft_hpc.counts import counts_report
 
-    cfg = load_config(args.config, args.overrides)
-    print(inspect_config(cfg, all_methods=args.all, as_json=args.json))
+    print(counts_report(_load(args), all_methods=args.all, as_json=args.json))
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from fedpeft_hpc.config import dump_yaml
+
+    print(dump_yaml(_load(args)), end="")
+    return 0
+
+
+def cmd_config_keys(args: argparse.Namespace) -> int:
+    from fedpeft_hpc.config.describe import config_keys, keys_markdown, keys_text
+    from fedpeft_hpc.preflight import registry_choices
+
+    keys = config_keys(registry_choices())
+    print(keys_markdown(keys) if args.markdown else keys_text(keys))
     return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from fedpeft_hpc.config import load_config
     from fedpeft_hpc.errors import ConfigError
     from fedpeft_hpc.models.pretrain import ensure_pretrained
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
     if cfg.model.pretrain_recipe is None or not cfg.model.pretrained:
         raise ConfigError("model.pretrain_recipe", "set model.pretrain_recipe (digits) and model.pretrained=true")
     setup_logging(cfg.run.log_level)
@@ -98,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="also tabulate every registered PEFT method")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("config", help="print the resolved config, or every config key with its help",
+                       description="`config show CONFIG [key=value ...]` prints the resolved config as YAML "
+                                   "(base: files merged, overrides applied, every value typed and checked) "
+                                   "without running anything; `config keys` lists every dotted key with "
+                                   "its type, default, allowed values and help.")
+    p.set_defaults(func=lambda _args, parser=p: _usage(parser))
+    csub = p.add_subparsers(dest="config_command", metavar="{show,keys}")
+    c = csub.add_parser("show", help="print the resolved config as YAML")
+    _config_args(c)
+    c.set_defaults(func=cmd_config_show)
+    c = csub.add_parser("keys", help="list every dotted key: type, default, allowed values, help")
+    c.add_argument("--markdown", action="store_true", help="as a markdown table (the README's)")
+    c.set_defaults(func=cmd_config_keys)
+
     p = sub.add_parser("pretrain", help="build model.checkpoint with the config's model.pretrain_recipe")
     _config_args(p)
     p.add_argument("--force", action="store_true", help="rebuild even if model.checkpoint exists")
@@ -118,15 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fedpeft_hpc.errors import UserError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USER_ERROR
-    if not logging.getLogger().handlers:
-        setup_logging()
+    setup_logging()
     try:
         return int(args.func(args) or 0)
     except UserError as e:
@@ -136,8 +172,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("fedpeft-hpc: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `fedpeft-hpc inspect ... | head`: the reader left, nothing is wrong
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 

@@ -12,6 +12,14 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from fedpeft_hpc.config import load_config
+from fedpeft_hpc.errors import ConfigError
+from fedpeft_hpc.models.pretrain import ensure_pretrained
+from fedpeft_hpc.peft import registered_methods
+from fedpeft_hpc.preflight import check_names
+from fedpeft_hpc.train import train
+from fedpeft_hpc.utils.logs import setup_logging
+
 # Client learning rates per method (SGD, momentum 0.9), chosen on the quickstart task.
 LR_BY_METHOD = {"full": 0.01, "head": 0.05, "bias": 0.05, "adapter": 0.05, "prompt": 0.05, "lora": 0.05}
 
@@ -40,24 +48,20 @@ def results_table(rows: list[dict]) -> str:
 
 
 def run_quickstart(out: str, methods: str, overrides: list[str], config: str | None = None) -> int:
-    from fedpeft_hpc.config import load_config
-    from fedpeft_hpc.errors import ConfigError
-    from fedpeft_hpc.peft import registered_methods
-    from fedpeft_hpc.train import train
-
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in registered_methods()]
     if unknown or not names:
         raise ConfigError("--methods", f"{unknown or methods!r}: choose from {', '.join(registered_methods())}")
-    from fedpeft_hpc.models.pretrain import ensure_pretrained
-
     path = Path(config) if config else embedded_config()
-    ensure_pretrained(load_config(path, list(overrides)).model)  # once, outside the per-method timings
-    rows = []
-    for method in names:
+    configs = []
+    for method in names:  # every method's config is checked before the first one trains
         lr = LR_BY_METHOD.get(method)
         extra = [f"peft.method={method}", f"run.dir={Path(out) / method}"] + ([f"optim.lr={lr}"] if lr else [])
-        cfg = load_config(path, extra + list(overrides))
+        configs.append(check_names(load_config(path, extra + list(overrides))))
+    setup_logging(configs[0].run.log_level)
+    ensure_pretrained(configs[0].model)  # once, outside the per-method timings
+    rows = []
+    for cfg in configs:
         t0 = time.perf_counter()
         summary = train(cfg)
         summary["wall_s"] = time.perf_counter() - t0

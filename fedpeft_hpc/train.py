@@ -1,11 +1,20 @@
-"""The thin training entry point: process layout + engine, torn down in ``finally``."""
+"""The thin training entry point: process layout + trainer, torn down in ``finally``.
+
+Logging is the caller's (the CLI sets it up); while the run lasts, this process's log records
+also go to the run directory (``train.log`` on rank 0, ``train.rank<N>.log`` on others, which
+get warnings and errors only), across resumes.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 
+from fedpeft_hpc.comm.runtime import Runtime
 from fedpeft_hpc.config.schema import Config
+from fedpeft_hpc.errors import UserError
+from fedpeft_hpc.federated.engine import FederatedTrainer
+from fedpeft_hpc.utils.logs import log_to_file
 
 log = logging.getLogger(__name__)
 
@@ -15,25 +24,23 @@ def train(cfg: Config) -> dict | None:
 
     Returns the summary on rank 0, ``None`` on the other ranks.
     """
-    from fedpeft_hpc.cli import setup_logging
-    from fedpeft_hpc.comm import Runtime
-    from fedpeft_hpc.errors import UserError
-    from fedpeft_hpc.federated.engine import Env, FederatedRun
-
     with Runtime.start(cfg.comm, threads=cfg.run.threads) as rt:
-        setup_logging(cfg.run.log_level, rt.is_main)
-        if rt.world.world_size > 1:
-            log.info("rank %d/%d (%s) on %s, backend %s", rt.world.rank, rt.world.world_size, rt.world.launcher,
+        world = rt.world
+        if world.world_size > 1:
+            log.info("rank %d/%d (%s) on %s, backend %s", world.rank, world.world_size, world.launcher,
                      rt.device, rt.backend)
-        env = Env(rank=rt.world.rank, world_size=rt.world.world_size, device=rt.device, comm=rt.comm,
-                  backend=rt.backend)
         try:
-            summary = FederatedRun(cfg, env).run()
+            trainer = FederatedTrainer(cfg, rt.comm)
+            detach = log_to_file(trainer.rundir.log_path(world.rank), world.rank, world.world_size)
+            try:
+                summary = trainer.fit()
+            finally:
+                detach()
         except UserError:
             raise
         except Exception as e:
-            if rt.world.world_size > 1:
-                print(f"fedpeft-hpc: rank {rt.world.rank} failed: {type(e).__name__}: {e}", file=sys.stderr,
+            if world.world_size > 1:
+                print(f"fedpeft-hpc: rank {world.rank} failed: {type(e).__name__}: {e}", file=sys.stderr,
                       flush=True)
             raise
-        return summary if rt.is_main else None
+        return summary if world.rank == 0 else None

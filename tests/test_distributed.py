@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fedpeft_hpc.runs.checkpoint import load_checkpoint
-from fedpeft_hpc.runs.files import read_jsonl
+from fedpeft_hpc.utils.files import read_jsonl
 from tests.conftest import BIN, QUICKSTART, REPO, subprocess_env
 
 pytestmark = pytest.mark.multiproc

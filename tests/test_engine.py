@@ -6,11 +6,12 @@ import shutil
 import pytest
 import torch
 
+from fedpeft_hpc.comm import LocalCommunicator
 from fedpeft_hpc.config import load_config
 from fedpeft_hpc.federated.evaluate import accuracy
 from fedpeft_hpc.federated.sampling import Schedule
 from fedpeft_hpc.runs.checkpoint import load_checkpoint
-from fedpeft_hpc.runs.files import read_jsonl
+from fedpeft_hpc.utils.files import read_jsonl
 from fedpeft_hpc.train import train
 from tests.conftest import QUICKSTART, tiny_overrides
 
@@ -42,7 +43,7 @@ def test_run_directory_follows_the_contract(tmp_path):
 
 
 def test_bytes_are_the_tensors_exchanged(tmp_path):
-    from fedpeft_hpc.inspect import method_counts
+    from fedpeft_hpc.counts import method_counts
 
     cfg, summary = run(tmp_path, "r", "peft.method=adapter")
     counts = method_counts(cfg)
@@ -60,24 +61,18 @@ def test_bytes_are_the_tensors_exchanged(tmp_path):
 
 @pytest.mark.parametrize("method", ["head", "bias", "adapter", "prompt", "lora"])
 def test_frozen_backbone_stays_bit_identical(tmp_path, method):
-    from fedpeft_hpc.federated.engine import Env, FederatedRun
+    from fedpeft_hpc.federated.engine import FederatedTrainer
     from fedpeft_hpc.peft import frozen_params
 
     cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "r", f"peft.method={method}"))
-    fr = FederatedRun(cfg, Env(rank=0, world_size=1, device=torch.device("cpu"), comm=_NoComm()))
+    fr = FederatedTrainer(cfg, LocalCommunicator())
     before = {n: p.detach().clone() for n, p in frozen_params(fr.model).items()}
     start = fr.global_vec.clone()
-    fr.run()
+    fr.fit()
     after = frozen_params(fr.model)
     assert before.keys() == after.keys() and len(before) > 0
     assert all(torch.equal(before[n], after[n]) for n in before)
     assert not torch.equal(start, fr.global_vec)  # while the PEFT state did move
-
-
-def _NoComm():
-    from fedpeft_hpc.comm import Communicator
-
-    return Communicator()  # one process: no collective is called
 
 
 def test_resume_after_interruption_is_exact(tmp_path):
@@ -126,8 +121,8 @@ def test_dropout_gives_the_scheduled_clients_and_bytes(tmp_path):
     sched = Schedule(3, cfg.fed.num_clients, cfg.fed.clients_per_round, 0.5)
     per = summary["bytes_per_transfer"]
     rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
-    expected = [len(sched.trained(r)) for r in range(1, 5)]
-    assert [r["clients"] if not r["skipped"] else len(sched.trained(r["round"])) for r in rows] == expected
+    expected = [len(sched.returning(r)) for r in range(1, 5)]
+    assert [r["clients"] if not r["skipped"] else len(sched.returning(r["round"])) for r in rows] == expected
     assert 0 < sum(expected) < 4 * cfg.fed.clients_per_round  # this seed does drop some
     for r, n in zip(rows, expected):
         assert r["dropped"] == cfg.fed.clients_per_round - n
@@ -141,8 +136,7 @@ def test_all_dropped_round_keeps_the_state(tmp_path):
     cfg, summary = run(tmp_path, "r", "fed.dropout=1.0")
     rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert all(r["skipped"] and r["clients"] == 0 and r["bytes_up"] == 0 for r in rows)
-    model, _ = build_model(cfg.model, cfg.peft, cfg.seed)
-    init = peft_params(model)
+    init = peft_params(build_model(cfg.model, cfg.peft, cfg.seed).model)
     ckpt = load_checkpoint(tmp_path / "r" / "checkpoints" / "latest.safetensors")
     assert all(torch.equal(init[k].detach(), ckpt.peft[k]) for k in init)
 
@@ -157,21 +151,21 @@ def test_non_finite_updates_are_rejected_and_never_reach_the_state(tmp_path):
 
 def test_weighting_uses_exact_sample_counts(tmp_path):
     """One local step of plain SGD on the head: the aggregate is the sample-weighted mean."""
-    from fedpeft_hpc.federated.engine import Env, FederatedRun
+    from fedpeft_hpc.federated.engine import FederatedTrainer
 
     cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "r", "peft.method=head", "fed.rounds=1",
                                                  "optim.momentum=0", "optim.weight_decay=0", "data.batch_size=1000"))
-    fr = FederatedRun(cfg, Env(rank=0, world_size=1, device=torch.device("cpu"), comm=_NoComm()))
+    fr = FederatedTrainer(cfg, LocalCommunicator())
     start = fr.global_vec.clone()
-    trained = fr.schedule.trained(1)
+    trained = fr.fed.schedule.returning(1)
     deltas = []
     for c in trained:  # each client alone
         buf = fr._train_clients(1, [c])
         vec, stats = buf.split()
         deltas.append(vec.clone() / stats.weight_sum)
     fr.global_vec.copy_(start)
-    fr.run_round(1)
-    sizes = torch.tensor([float(fr.sizes[c]) for c in trained], dtype=torch.float64)
+    fr.train_round(1)
+    sizes = torch.tensor([float(fr.fed.sizes[c]) for c in trained], dtype=torch.float64)
     expected = start.double() + sum(w * d for w, d in zip(sizes, deltas)) / sizes.sum()
     assert torch.allclose(fr.global_vec.double(), expected, atol=1e-6)
     assert len(set(sizes.tolist())) > 1  # the clients do differ in size
@@ -195,7 +189,7 @@ def test_adamw_clients_and_fedadam_server_learn(tmp_path, pretrained_ckpt):
 
 
 def test_full_ft_comparison_counts_the_backbone_without_peft_modules(tmp_path):
-    from fedpeft_hpc.inspect import method_counts
+    from fedpeft_hpc.counts import method_counts
 
     cfg, summary = run(tmp_path, "r", "peft.method=adapter", "fed.rounds=1")
     full = method_counts(cfg, "full")

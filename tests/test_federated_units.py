@@ -5,7 +5,8 @@ import torch
 from fedpeft_hpc.config import ServerConfig
 from fedpeft_hpc.federated.aggregate import RoundBuffer, update_is_valid
 from fedpeft_hpc.federated.ledger import ByteLedger
-from fedpeft_hpc.federated.sampling import Schedule, assign_to_ranks, sample_cohort, torch_generator
+from fedpeft_hpc.federated.sampling import Schedule, assign_to_ranks, sample_cohort
+from fedpeft_hpc.utils.streams import torch_generator
 from fedpeft_hpc.federated.server_opt import build_server_optimizer
 
 
@@ -29,8 +30,8 @@ def test_dropout_rate_and_determinism():
     dropped = sum(len(s.dropped(r)) for r in range(1, 41))
     assert 0.25 < dropped / (40 * 50) < 0.35
     assert s.dropped(5) == Schedule(7, 100, 50, 0.3).dropped(5)
-    assert sorted(s.dropped(5) + s.trained(5)) == s.cohort(5)
-    assert s.participation(3).sum() == sum(len(s.trained(r)) for r in range(1, 4))
+    assert sorted(s.dropped(5) + s.returning(5)) == s.cohort(5)
+    assert s.participation(3).sum() == sum(len(s.returning(r)) for r in range(1, 4))
 
 
 def test_assignment_balances_samples_and_covers_each_client_once():

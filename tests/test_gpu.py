@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedpeft_hpc.runs.checkpoint import load_checkpoint
-from fedpeft_hpc.runs.files import read_jsonl
+from fedpeft_hpc.utils.files import read_jsonl
 from tests.conftest import QUICKSTART, REPO, subprocess_env
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from fedpeft_hpc.config import load_config
 from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.sampling import Schedule
-from fedpeft_hpc.runs.files import read_jsonl
+from fedpeft_hpc.utils.files import read_jsonl
 from tests.conftest import QUICKSTART, run_cli, tiny_overrides
 
 C_SMALL = 0.05  # small enough that every sample of the tests below gets clipped
@@ -58,7 +58,8 @@ def sample_dp(method: str, *extra: str, n: int = 60):
 
     cfg = small_cfg(f"peft.method={method}", "privacy.mode=sample", f"privacy.max_grad_norm={C_SMALL}",
                     "optim.momentum=0", "optim.weight_decay=0", *extra)
-    return cfg, SampleDP(cfg, client_sizes=[n], schedule=Schedule(0, 1, 1, 0.0), seed=0, device="cpu")
+    return cfg, SampleDP(cfg.privacy, cfg.fed, cfg.data, client_sizes=[n], schedule=Schedule(0, 1, 1, 0.0), seed=0,
+                          device="cpu")
 
 
 def reference_per_sample_grads(model, params, x, y):
@@ -166,7 +167,7 @@ def test_full_fine_tuning_works_through_functorch_and_empty_batches():
 def test_poisson_batches_follow_the_accounted_sampling():
     cfg, dp = sample_dp("bias", "privacy.noise_multiplier=1.0", "fed.local_epochs=2", n=50)
     from fedpeft_hpc.data.datasets import TensorImageDataset
-    from fedpeft_hpc.federated.sampling import torch_generator
+    from fedpeft_hpc.utils.streams import torch_generator
 
     ds = TensorImageDataset(torch.randn(200, 3, 16, 16), torch.arange(200))  # label = index
     idx = np.arange(100, 150)
@@ -193,10 +194,10 @@ def test_noise_from_target_epsilon_is_per_client_and_meets_the_target():
                                    "fed.local_epochs=2", "data.batch_size=16"])
     schedule = Schedule(cfg.seed, 4, 2, 0.0)
     sizes = [40, 40, 70, 16]
-    dp = SampleDP(cfg, client_sizes=sizes, schedule=schedule, seed=cfg.seed, device="cpu")
+    dp = SampleDP(cfg.privacy, cfg.fed, cfg.data, client_sizes=sizes, schedule=schedule, seed=cfg.seed, device="cpu")
     part = schedule.participation(3)
     for r in range(1, 4):
-        dp.account(r, schedule.trained(r))
+        dp.account(r, schedule.returning(r))
     for k in range(4):
         steps = int(part[k]) * 2 * math.ceil(sizes[k] / 16)
         if steps == 0:
@@ -206,7 +207,8 @@ def test_noise_from_target_epsilon_is_per_client_and_meets_the_target():
         assert 0.95 * 4 <= eps <= 4
         assert dp.client_epsilon(k) == pytest.approx(eps, rel=1e-9)
     state = json.loads(json.dumps(dp.state_dict()))
-    again = SampleDP(cfg, client_sizes=sizes, schedule=schedule, seed=cfg.seed, device="cpu")
+    again = SampleDP(cfg.privacy, cfg.fed, cfg.data, client_sizes=sizes, schedule=schedule, seed=cfg.seed,
+                     device="cpu")
     again.load_state_dict(state)
     assert again.report() == dp.report()
 
@@ -281,7 +283,7 @@ def client_dp(*extra: str):
 
     cfg = load_config(QUICKSTART, ["privacy.mode=client", "privacy.max_grad_norm=0.5", "fed.num_clients=10",
                                    "fed.clients_per_round=4", *extra])
-    return ClientDP(cfg, client_sizes=[10] * 10, schedule=Schedule(7, 10, 4, 0.0), seed=7, device="cpu")
+    return ClientDP(cfg.privacy, cfg.fed, seed=7)
 
 
 def test_client_dp_clips_each_update_and_weighs_it_one():

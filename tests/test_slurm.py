@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fedpeft_hpc.runs.checkpoint import load_checkpoint
-from fedpeft_hpc.runs.files import read_jsonl
+from fedpeft_hpc.utils.files import read_jsonl
 from tests.conftest import QUICKSTART, REPO, subprocess_env
 
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["WorldInfo", "detect_world", "ensure_rendezvous", "Runtime", "Communicator", "CollectiveError",
-           "CollectiveRecord"]
+__all__ = ["WorldInfo", "detect_world", "ensure_rendezvous", "Runtime", "Communicator", "LocalCommunicator",
+           "CollectiveError", "CollectiveRecord"]
 
 _WHERE = {
     "WorldInfo": "fedpeft_hpc.comm.world",
@@ -17,12 +17,13 @@ _WHERE = {
     "ensure_rendezvous": "fedpeft_hpc.comm.rendezvous",
     "Runtime": "fedpeft_hpc.comm.runtime",
     "Communicator": "fedpeft_hpc.comm.collective",
+    "LocalCommunicator": "fedpeft_hpc.comm.collective",
     "CollectiveError": "fedpeft_hpc.comm.collective",
     "CollectiveRecord": "fedpeft_hpc.comm.collective",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fedpeft_hpc.comm.collective import CollectiveError, CollectiveRecord, Communicator
+    from fedpeft_hpc.comm.collective import CollectiveError, CollectiveRecord, Communicator, LocalCommunicator
     from fedpeft_hpc.comm.rendezvous import ensure_rendezvous
     from fedpeft_hpc.comm.runtime import Runtime
     from fedpeft_hpc.comm.world import WorldInfo, detect_world

@@ -1,7 +1,12 @@
-"""The one door for collectives: every cross-rank operation of the project goes through
-``Communicator``, which also counts what moved.
+"""The one door for collectives: the ``Communicator`` interface, one class per kind, and the bytes.
 
-Byte accounting (per call, recorded under a tag):
+The engine depends on this interface alone (never on ``torch.distributed``): an in-place sum
+all-reduce under a tag, a barrier, the record of what moved, rank and world size. Kinds:
+``LocalCommunicator`` (one process: nothing moves), ``TorchCommunicator`` (``torch.distributed``
+with gloo or nccl) and ``MPICommunicator`` (mpi4py's ``COMM_WORLD`` on host buffers; torch wheels
+have no MPI backend). They share one timing-and-accounting helper (``Communicator._timed``).
+
+Byte accounting (per call, recorded under its tag):
 
 * ``bytes``: bytes handed to the collective, summed over ranks. For an all-reduce of a buffer
   of ``B`` bytes on ``W`` ranks that is ``B * W``.
@@ -9,33 +14,25 @@ Byte accounting (per call, recorded under a tag):
   ``2 * (W - 1) / W * B`` bytes (reduce-scatter then all-gather), so the sum over ranks is
   ``2 * (W - 1) * B``. It is a model of the traffic, not a measurement: NCCL may use trees,
   gloo and MPI pick their own algorithms, and intra-node traffic may not touch a network.
-  For object broadcasts, ``bytes`` is the pickled size times ``W`` and ``ring_bytes`` the
-  pickled size times ``W - 1`` (one copy to every other rank); for object all-gathers,
-  ``bytes`` is the sum of every rank's pickled size and ``ring_bytes`` that times ``W - 1``.
 * ``ms``: wall milliseconds of the call on this rank (CUDA is synchronised first and after).
 
 With one rank no collective is called at all: records show 0 calls, 0 bytes, 0 ms.
-
-Backends: ``"none"`` (one process), ``"gloo"``/``"nccl"`` (``torch.distributed`` default group),
-``"mpi"`` (``mpi4py``'s ``COMM_WORLD`` on host buffers; torch wheels have no MPI backend).
-MPI collectives are issued non-blocking and polled so that ``timeout_s`` holds for them too
-(a blocking MPI call would wait forever for a hung rank).
 For ``nccl`` the buffer must live on the GPU: a CPU tensor is copied to ``device``, reduced and
 copied back in place. For ``gloo`` and ``mpi`` a GPU tensor is likewise copied to host and back.
 """
 
 from __future__ import annotations
 
-import pickle
 import time
+from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
-__all__ = ["Communicator", "CollectiveError", "CollectiveRecord"]
+__all__ = ["Communicator", "LocalCommunicator", "TorchCommunicator", "MPICommunicator", "CollectiveError",
+           "CollectiveRecord", "make_communicator"]
 
-BACKENDS = ("none", "gloo", "nccl", "mpi")
 MPI_SPIN_S = 0.05
 MPI_POLL_SLEEP_S = 0.0005
 
@@ -63,46 +60,90 @@ class CollectiveRecord:
         return asdict(self)
 
 
-class Communicator:
+class Communicator(ABC):
     """Collectives over the ranks of one job, with per-tag accounting.
 
     ``last[tag]`` holds the record of the latest call under ``tag``; ``totals[tag]`` the sums
-    since construction (or ``reset_stats``).
+    since construction. ``failed`` keeps the first failure: the group is unusable afterwards.
     """
 
-    def __init__(self, rank: int = 0, world_size: int = 1, backend: str = "none",
-                 device: Optional[torch.device] = None, timeout_s: float = 300.0):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-        if world_size > 1 and backend == "none":
-            raise ValueError("backend 'none' is for one process only")
+    backend = "none"
+
+    def __init__(self, rank: int = 0, world_size: int = 1, device: Optional[torch.device] = None,
+                 timeout_s: float = 300.0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} does not fit world size {world_size}")
         self.rank = rank
         self.world_size = world_size
-        self.backend = backend
         self.device = device if device is not None else torch.device("cpu")
         self.timeout_s = timeout_s
         self.last: Dict[str, CollectiveRecord] = {}
         self.totals: Dict[str, CollectiveRecord] = {}
-        #: the first collective failure: the group is unusable afterwards
         self.failed: Optional[CollectiveError] = None
 
-    # -- accounting ---------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # -- the interface ------------------------------------------------------------------
+    def allreduce_sum_(self, buf: torch.Tensor, tag: str = "aggregate") -> torch.Tensor:
+        """In-place SUM all-reduce of one contiguous tensor; one collective call. Returns ``buf``."""
+        if not buf.is_contiguous():
+            raise ValueError("allreduce_sum_ needs a contiguous tensor (flatten into one buffer first)")
+        nbytes = buf.numel() * buf.element_size()
+        w = self.world_size
+        work = buf if buf.device == self._staging_device else buf.detach().to(self._staging_device)
+        self._timed(tag, lambda: self._allreduce(work), nbytes * w, 2 * (w - 1) * nbytes)
+        if work is not buf:
+            with torch.no_grad():
+                buf.copy_(work)
+        return buf
+
+    def barrier(self, tag: str = "barrier") -> None:
+        """Wait until every rank arrives."""
+        self._timed(tag, self._barrier, 0, 0)
+
     def call_count(self, tag: str) -> int:
         """Collectives actually issued under ``tag`` (0 with one rank)."""
         rec = self.totals.get(tag)
         return rec.calls if rec is not None else 0
 
-    def reset_stats(self) -> None:
-        self.last.clear()
-        self.totals.clear()
+    # -- what each kind provides ---------------------------------------------------------
+    @property
+    def _staging_device(self) -> torch.device:
+        """Where a buffer must live for this kind's collective."""
+        return torch.device("cpu")
 
+    @abstractmethod
+    def _allreduce(self, work: torch.Tensor) -> None:
+        """Sum ``work`` (on ``_staging_device``) over all ranks, in place."""
+
+    @abstractmethod
+    def _barrier(self) -> None:
+        """Block until every rank calls it."""
+
+    def _sync(self) -> None:
+        """Wait for queued device work (so that timings cover the collective only)."""
+
+    # -- shared timing and accounting ----------------------------------------------------
     def _record(self, tag: str, rec: CollectiveRecord) -> None:
         self.last[tag] = rec
         self.totals.setdefault(tag, CollectiveRecord(backend=rec.backend)).add(rec)
 
-    def _sync(self) -> None:
-        if self.backend == "nccl" and torch.cuda.is_available():
-            torch.cuda.synchronize(self.device)
+    def _timed(self, tag: str, op: Callable[[], None], nbytes: int, ring_bytes: int) -> None:
+        """Run ``op`` as one collective: synchronise, time it, turn failures into ``CollectiveError``."""
+        if self.world_size <= 1:
+            self._record(tag, CollectiveRecord(backend=self.backend))
+            return
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            op()
+            self._sync()
+        except (RuntimeError, TimeoutError) as e:  # DistBackendError, gloo/nccl/MPI errors, MPI timeout
+            raise self._fail(tag, e) from e
+        self._record(tag, CollectiveRecord(calls=1, bytes=nbytes, ring_bytes=ring_bytes,
+                                           ms=(time.perf_counter() - t0) * 1e3, backend=self.backend))
 
     def _fail(self, tag: str, err: BaseException) -> CollectiveError:
         error = CollectiveError(
@@ -113,20 +154,75 @@ class Communicator:
             self.failed = error
         return error
 
+
+class LocalCommunicator(Communicator):
+    """One process: every collective is the identity and moves nothing."""
+
+    def __init__(self, device: Optional[torch.device] = None, timeout_s: float = 300.0):
+        super().__init__(0, 1, device, timeout_s)
+
     @property
-    def _mpi_comm(self) -> Any:
-        from mpi4py import MPI  # lazy: only the 'mpi' backend touches it
+    def _staging_device(self) -> torch.device:
+        return self.device
+
+    def _allreduce(self, work: torch.Tensor) -> None:  # pragma: no cover - never called with one rank
+        pass
+
+    def _barrier(self) -> None:  # pragma: no cover - never called with one rank
+        pass
+
+
+class TorchCommunicator(Communicator):
+    """``torch.distributed``'s default process group (gloo on host buffers, nccl on the GPU)."""
+
+    def __init__(self, rank: int, world_size: int, backend: str, device: Optional[torch.device] = None,
+                 timeout_s: float = 300.0):
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"TorchCommunicator takes gloo or nccl, not {backend!r}")
+        super().__init__(rank, world_size, device, timeout_s)
+        self.backend = backend
+
+    @property
+    def _staging_device(self) -> torch.device:
+        return self.device if self.backend == "nccl" else torch.device("cpu")
+
+    def _sync(self) -> None:
+        if self.backend == "nccl" and torch.cuda.is_available():
+            torch.cuda.synchronize(self.device)
+
+    def _allreduce(self, work: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+
+    def _barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.backend == "nccl":
+            dist.barrier(device_ids=[self.device.index or 0])
+        else:
+            dist.barrier()
+
+
+class MPICommunicator(Communicator):
+    """mpi4py's ``COMM_WORLD``; collectives are issued non-blocking and polled so that
+    ``timeout_s`` holds for them too (a blocking MPI call would wait forever for a hung rank)."""
+
+    backend = "mpi"
+
+    @property
+    def _comm(self) -> Any:
+        from mpi4py import MPI  # only this kind touches mpi4py
 
         return MPI.COMM_WORLD
 
-    def _mpi_wait(self, req: Any, tag: str) -> None:
+    def _wait(self, req: Any) -> None:
         """Wait for a non-blocking MPI request, at most ``timeout_s``.
 
-        Blocking MPI collectives never time out; polling ``Test`` keeps comm.timeout_s
-        meaningful. The first ``MPI_SPIN_S`` are spent spinning (as a blocking MPICH call would),
-        then the loop sleeps briefly between polls so a waiting rank leaves the cores to peers
-        still computing. On timeout the request is left pending: the job must end (``Runtime``
-        aborts the MPI job when a ``CollectiveError`` leaves its ``with`` block).
+        The first ``MPI_SPIN_S`` are spent spinning (as a blocking MPICH call would), then the
+        loop sleeps briefly between polls so a waiting rank leaves the cores to peers still
+        computing. On timeout the request is left pending: the job must end (``Runtime`` aborts
+        the MPI job when a ``CollectiveError`` leaves its ``with`` block).
         """
         t0 = time.monotonic()
         deadline = t0 + self.timeout_s
@@ -137,138 +233,22 @@ class Communicator:
             if now - t0 > MPI_SPIN_S:
                 time.sleep(MPI_POLL_SLEEP_S)
 
-    def _mpi_bcast_bytes(self, payload: Optional[bytes], src: int, tag: str) -> bytes:
-        import numpy as np
+    def _allreduce(self, work: torch.Tensor) -> None:
+        from mpi4py import MPI
 
-        comm = self._mpi_comm
-        n = np.array([len(payload) if payload is not None else 0], dtype=np.int64)
-        self._mpi_wait(comm.Ibcast(n, root=src), tag)
-        buf = (np.frombuffer(payload, dtype=np.uint8).copy() if payload is not None
-               else np.empty(int(n[0]), dtype=np.uint8))
-        self._mpi_wait(comm.Ibcast(buf, root=src), tag)
-        return buf.tobytes()
+        self._wait(self._comm.Iallreduce(MPI.IN_PLACE, work.detach().numpy(), op=MPI.SUM))
 
-    def _mpi_allgather_bytes(self, payload: bytes, tag: str) -> List[bytes]:
-        import numpy as np
+    def _barrier(self) -> None:
+        self._wait(self._comm.Ibarrier())
 
-        comm = self._mpi_comm
-        mine = np.array([len(payload)], dtype=np.int64)
-        sizes = np.zeros(self.world_size, dtype=np.int64)
-        self._mpi_wait(comm.Iallgather(mine, sizes), tag)
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        send = np.frombuffer(payload, dtype=np.uint8).copy()
-        out = np.empty(int(sizes.sum()), dtype=np.uint8)
-        self._mpi_wait(comm.Iallgatherv(send, [out, (sizes, offsets)]), tag)
-        return [out[o:o + s].tobytes() for o, s in zip(offsets.tolist(), sizes.tolist())]
 
-    # -- collectives --------------------------------------------------------------------
-    def allreduce_sum_(self, buf: torch.Tensor, tag: str = "aggregate") -> torch.Tensor:
-        """In-place SUM all-reduce of a contiguous tensor (fp64 expected); one collective call.
-
-        Returns ``buf``. With one rank: no call, ``buf`` unchanged.
-        """
-        if not buf.is_contiguous():
-            raise ValueError("allreduce_sum_ needs a contiguous tensor (flatten into one buffer first)")
-        if self.world_size <= 1:
-            self._record(tag, CollectiveRecord(backend=self.backend))
-            return buf
-        nbytes = buf.numel() * buf.element_size()
-        target = self.device if self.backend == "nccl" else torch.device("cpu")
-        work = buf if buf.device == target else buf.detach().to(target)
-        self._sync()
-        t0 = time.perf_counter()
-        try:
-            if self.backend == "mpi":
-                from mpi4py import MPI
-
-                self._mpi_wait(self._mpi_comm.Iallreduce(MPI.IN_PLACE, work.detach().numpy(), op=MPI.SUM),
-                               tag)
-            else:
-                import torch.distributed as dist
-
-                dist.all_reduce(work, op=dist.ReduceOp.SUM)
-            self._sync()
-        except (RuntimeError, TimeoutError) as e:  # DistBackendError, gloo/nccl/MPI errors, MPI timeout
-            raise self._fail(tag, e) from e
-        ms = (time.perf_counter() - t0) * 1e3
-        if work is not buf:
-            with torch.no_grad():
-                buf.copy_(work)
-        w = self.world_size
-        self._record(tag, CollectiveRecord(calls=1, bytes=nbytes * w, ring_bytes=2 * (w - 1) * nbytes,
-                                           ms=ms, backend=self.backend))
-        return buf
-
-    def broadcast_object(self, obj: Any, src: int = 0, tag: str = "broadcast") -> Any:
-        """``obj`` of rank ``src`` on every rank (picklable objects; small helpers, not tensors)."""
-        if self.world_size <= 1:
-            self._record(tag, CollectiveRecord(backend=self.backend))
-            return obj
-        t0 = time.perf_counter()
-        try:
-            if self.backend == "mpi":
-                data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL) if self.rank == src else None
-                out = pickle.loads(self._mpi_bcast_bytes(data, src, tag))
-            else:
-                import torch.distributed as dist
-
-                box: List[Any] = [obj if self.rank == src else None]
-                dist.broadcast_object_list(box, src=src,
-                                           device=self.device if self.backend == "nccl" else None)
-                out = box[0]
-            self._sync()
-        except (RuntimeError, TimeoutError) as e:
-            raise self._fail(tag, e) from e
-        ms = (time.perf_counter() - t0) * 1e3
-        size = len(pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL))
-        w = self.world_size
-        self._record(tag, CollectiveRecord(calls=1, bytes=size * w, ring_bytes=size * (w - 1), ms=ms,
-                                           backend=self.backend))
-        return out
-
-    def allgather_object(self, obj: Any, tag: str = "allgather") -> List[Any]:
-        """Every rank's ``obj``, in rank order, on every rank."""
-        if self.world_size <= 1:
-            self._record(tag, CollectiveRecord(backend=self.backend))
-            return [obj]
-        t0 = time.perf_counter()
-        try:
-            if self.backend == "mpi":
-                parts = self._mpi_allgather_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), tag)
-                out = [pickle.loads(p) for p in parts]
-            else:
-                import torch.distributed as dist
-
-                out = [None] * self.world_size
-                dist.all_gather_object(out, obj)
-            self._sync()
-        except (RuntimeError, TimeoutError) as e:
-            raise self._fail(tag, e) from e
-        ms = (time.perf_counter() - t0) * 1e3
-        sizes = sum(len(pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL)) for o in out)
-        w = self.world_size
-        self._record(tag, CollectiveRecord(calls=1, bytes=sizes, ring_bytes=sizes * (w - 1), ms=ms,
-                                           backend=self.backend))
-        return out
-
-    def barrier(self, tag: str = "barrier") -> None:
-        """Wait until every rank arrives."""
-        if self.world_size <= 1:
-            self._record(tag, CollectiveRecord(backend=self.backend))
-            return
-        t0 = time.perf_counter()
-        try:
-            if self.backend == "mpi":
-                self._mpi_wait(self._mpi_comm.Ibarrier(), tag)
-            else:
-                import torch.distributed as dist
-
-                if self.backend == "nccl":
-                    dist.barrier(device_ids=[self.device.index or 0])
-                else:
-                    dist.barrier()
-            self._sync()
-        except (RuntimeError, TimeoutError) as e:
-            raise self._fail(tag, e) from e
-        self._record(tag, CollectiveRecord(calls=1, ms=(time.perf_counter() - t0) * 1e3,
-                                           backend=self.backend))
+def make_communicator(rank: int, world_size: int, backend: str, device: torch.device,
+                      timeout_s: float) -> Communicator:
+    """The communicator of ``backend`` (``none`` for one process, ``gloo``, ``nccl``, ``mpi``)."""
+    if backend == "none":
+        if world_size > 1:
+            raise ValueError("backend 'none' is for one process only")
+        return LocalCommunicator(device, timeout_s)
+    if backend == "mpi":
+        return MPICommunicator(rank, world_size, device, timeout_s)
+    return TorchCommunicator(rank, world_size, backend, device, timeout_s)

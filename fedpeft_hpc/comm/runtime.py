@@ -23,7 +23,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from fedpeft_hpc.comm.collective import CollectiveError, Communicator
+from fedpeft_hpc.comm.collective import CollectiveError, Communicator, make_communicator
 from fedpeft_hpc.comm.rendezvous import ensure_rendezvous
 from fedpeft_hpc.comm.world import WorldInfo, detect_world
 from fedpeft_hpc.config.schema import CommConfig
@@ -74,18 +74,6 @@ class Runtime:
         self._owns_pg = owns_process_group
         self._closed = False
 
-    @property
-    def is_main(self) -> bool:
-        return self.world.rank == 0
-
-    @property
-    def rank(self) -> int:
-        return self.world.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.world.world_size
-
     @classmethod
     def start(cls, cfg: CommConfig, threads: int = 0, env: Optional[Mapping[str, str]] = None) -> "Runtime":
         """Detect the world, pick device and backend, set threads, join the process group.
@@ -103,8 +91,7 @@ class Runtime:
             torch.cuda.set_device(device)
 
         if world.world_size <= 1:
-            return cls(world, device, "none",
-                       Communicator(0, 1, "none", device=device, timeout_s=cfg.timeout_s))
+            return cls(world, device, "none", make_communicator(0, 1, "none", device, cfg.timeout_s))
         try:
             return cls._start_group(cfg, world, device, backend)
         except BaseException as e:
@@ -117,8 +104,7 @@ class Runtime:
         if backend == "mpi":
             _check_mpi(world)
             return cls(world, device, "mpi",
-                       Communicator(world.rank, world.world_size, "mpi", device=device,
-                                    timeout_s=cfg.timeout_s))
+                       make_communicator(world.rank, world.world_size, "mpi", device, cfg.timeout_s))
 
         import torch.distributed as dist
 
@@ -135,8 +121,7 @@ class Runtime:
                                 world_size=world.world_size,
                                 timeout=timedelta(seconds=float(cfg.timeout_s)), **kwargs)
         return cls(world, device, backend,
-                   Communicator(world.rank, world.world_size, backend, device=device,
-                                timeout_s=cfg.timeout_s),
+                   make_communicator(world.rank, world.world_size, backend, device, cfg.timeout_s),
                    owns_process_group=True)
 
     def close(self, exc: Optional[BaseException] = None) -> None:

@@ -49,14 +49,6 @@ class WorldInfo:
     node_rank: Optional[int] = None
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
     def single_node(self) -> bool:
         """All ranks share this node (as far as the launcher tells)."""
         return self.local_world_size >= self.world_size
@@ -118,6 +110,16 @@ def _checked(info: WorldInfo, source: str) -> WorldInfo:
     return info
 
 
+def _mpi_world(env: Mapping[str, str], launcher: str, rank: str, size: str, local_rank: str,
+               local_size: str) -> WorldInfo:
+    """An MPI launcher's world: MPI launchers export no node index."""
+    world_size = _int(env, size)
+    return _checked(WorldInfo(rank=_int(env, rank), local_rank=_opt_int(env, local_rank) or 0,
+                              world_size=world_size, local_world_size=_opt_int(env, local_size) or world_size,
+                              launcher=launcher, node_rank=None),
+                    f"{launcher} ({rank}/{size})")
+
+
 def detect_world(env: Optional[Mapping[str, str]] = None) -> WorldInfo:
     """Rank, local rank and sizes of this process, read from ``env`` (default ``os.environ``).
 
@@ -137,23 +139,12 @@ def detect_world(env: Optional[Mapping[str, str]] = None) -> WorldInfo:
                         "torchrun (RANK/WORLD_SIZE/LOCAL_RANK)")
 
     if _has(env, "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"):
-        world_size = _int(env, "OMPI_COMM_WORLD_SIZE")
-        return _checked(WorldInfo(rank=_int(env, "OMPI_COMM_WORLD_RANK"),
-                                  local_rank=_opt_int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0,
-                                  world_size=world_size,
-                                  local_world_size=_opt_int(env, "OMPI_COMM_WORLD_LOCAL_SIZE") or world_size,
-                                  launcher="openmpi", node_rank=None),
-                        "OpenMPI (OMPI_COMM_WORLD_*)")
+        return _mpi_world(env, "openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
+                          "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
     under_srun = _has(env, "SLURM_PROCID", "SLURM_STEP_NUM_TASKS")
     if _has(env, "PMI_RANK", "PMI_SIZE") and (_has(env, "MPI_LOCALRANKID") or not under_srun):
-        world_size = _int(env, "PMI_SIZE")
-        return _checked(WorldInfo(rank=_int(env, "PMI_RANK"),
-                                  local_rank=_opt_int(env, "MPI_LOCALRANKID") or 0,
-                                  world_size=world_size,
-                                  local_world_size=_opt_int(env, "MPI_LOCALNRANKS") or world_size,
-                                  launcher="mpich", node_rank=None),
-                        "MPICH (PMI_RANK/PMI_SIZE)")
+        return _mpi_world(env, "mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS")
 
     if _has(env, "SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_NTASKS"):
         world_size = _int(env, "SUBMITIT_LOCAL_NTASKS")

@@ -13,9 +13,10 @@ from torch.utils.data import Dataset, Subset
 from fedpeft_hpc.config.schema import DataConfig
 from fedpeft_hpc.data.transforms import ImageSpec, eval_transform, tensor_to_spec
 from fedpeft_hpc.errors import ConfigError, DataError
+from fedpeft_hpc.utils.hints import did_you_mean
+from fedpeft_hpc.utils.streams import FIXED_SPLIT_SEED, SUBSAMPLE, SYNTHETIC_DATA, rng
 
 SYNTHETIC_CLASSES = 10
-DIGITS_SPLIT_SEED = 0  # the digits split is fixed: it must not move with the run seed
 
 
 class TensorImageDataset(Dataset):
@@ -58,18 +59,24 @@ def register_dataset(name: str) -> Callable[[Builder], Builder]:
     return deco
 
 
+def get_builder(name: str) -> Builder:
+    """The builder registered as ``name``; a ``ConfigError`` on ``data.name`` otherwise."""
+    if name not in DATASETS:
+        raise ConfigError("data.name", f"unknown dataset {name!r}.{did_you_mean(name, DATASETS)} "
+                                       f"Valid: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]
+
+
 def build_datasets(cfg: DataConfig, spec: ImageSpec, seed: int) -> DataBundle:
     """Build ``cfg.name`` and apply ``max_train_samples`` (seeded subsample, order kept)."""
-    if cfg.name not in DATASETS:
-        raise ConfigError("data.name", f"unknown dataset {cfg.name!r}. Valid: {', '.join(sorted(DATASETS))}")
-    bundle = DATASETS[cfg.name](cfg, spec, seed)
+    bundle = get_builder(cfg.name)(cfg, spec, seed)
     n = len(bundle.train_targets)
     m = cfg.max_train_samples
     if m is not None and m != n:
         if m > n:
             raise DataError(f"data.max_train_samples={m} but dataset {cfg.name!r} has only {n} training "
                             f"samples; use a value <= {n} or leave it unset")
-        keep = np.sort(np.random.default_rng([seed, 7]).choice(n, size=m, replace=False))
+        keep = np.sort(rng(seed, SUBSAMPLE).choice(n, size=m, replace=False))
         bundle.train = _subset(bundle.train, keep)
         bundle.train_targets = bundle.train_targets[keep]
     return bundle
@@ -88,17 +95,17 @@ def _tensor_ds(images: np.ndarray, labels: np.ndarray, spec: ImageSpec) -> Tenso
 
 # ---------------------------------------------------------------- synthetic
 
-def _synthetic_split(templates: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _synthetic_split(templates: np.ndarray, n: int, draw: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Template of the label, cyclically shifted by up to 2 px, contrast/brightness jitter, Gaussian noise."""
     k, c, h, w = templates.shape
-    labels = rng.permutation(np.arange(n) % k).astype(np.int64)
-    dy, dx = rng.integers(-2, 3, size=(2, n))
+    labels = draw.permutation(np.arange(n) % k).astype(np.int64)
+    dy, dx = draw.integers(-2, 3, size=(2, n))
     rows = (np.arange(h)[None, :] - dy[:, None]) % h
     cols = (np.arange(w)[None, :] - dx[:, None]) % w
     x = templates[labels[:, None, None, None], np.arange(c)[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]
-    x = 0.5 + rng.uniform(0.6, 1.4, size=(n, 1, 1, 1)) * (x - 0.5)
-    x = x + rng.normal(0.0, 0.1, size=(n, 1, 1, 1)) + rng.normal(0.0, 0.4, size=x.shape)
+    x = 0.5 + draw.uniform(0.6, 1.4, size=(n, 1, 1, 1)) * (x - 0.5)
+    x = x + draw.normal(0.0, 0.1, size=(n, 1, 1, 1)) + draw.normal(0.0, 0.4, size=x.shape)
     return np.clip(x, 0.0, 1.0).astype(np.float32), labels
 
 
@@ -108,7 +115,7 @@ def _synthetic(cfg: DataConfig, spec: ImageSpec, seed: int) -> DataBundle:
 
     Depends only on ``seed`` and the sample counts; a linear probe reaches roughly 80% test accuracy.
     """
-    t_seq, train_seq, test_seq = np.random.SeedSequence([seed, 1]).spawn(3)
+    t_seq, train_seq, test_seq = np.random.SeedSequence([seed, SYNTHETIC_DATA]).spawn(3)
     low = 0.5 + 0.6 * (np.random.default_rng(t_seq).random((SYNTHETIC_CLASSES, 3, 8, 8)) - 0.5)
     templates = torch.nn.functional.interpolate(torch.from_numpy(low.astype(np.float32)), size=(16, 16),
                                                 mode="bilinear", align_corners=False).numpy()
@@ -132,9 +139,9 @@ def digits_split_indices() -> dict[str, np.ndarray]:
 
     _, y = _load_digits()
     idx = np.arange(len(y))
-    rest, test = train_test_split(idx, test_size=0.2, stratify=y, random_state=DIGITS_SPLIT_SEED)
+    rest, test = train_test_split(idx, test_size=0.2, stratify=y, random_state=FIXED_SPLIT_SEED)
     n_pre = int(round(len(y) / 3))
-    train, pre = train_test_split(rest, test_size=n_pre, stratify=y[rest], random_state=DIGITS_SPLIT_SEED)
+    train, pre = train_test_split(rest, test_size=n_pre, stratify=y[rest], random_state=FIXED_SPLIT_SEED)
     return {"pretrain": np.sort(pre), "train": np.sort(train), "test": np.sort(test)}
 
 
@@ -198,10 +205,10 @@ def _image_folder(path: Path, tf: Any) -> Any:
 
 
 def _stratified_split(targets: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(0)
+    draw = rng(FIXED_SPLIT_SEED)
     train, test = [], []
     for k in np.unique(targets):
-        ids = rng.permutation(np.flatnonzero(targets == k))
+        ids = draw.permutation(np.flatnonzero(targets == k))
         n_test = min(max(int(round(len(ids) * test_fraction)), 1), len(ids) - 1) if len(ids) > 1 else 0
         test.append(ids[:n_test])
         train.append(ids[n_test:])

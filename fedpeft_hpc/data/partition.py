@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,8 @@ import numpy as np
 
 from fedpeft_hpc.config.schema import DataConfig
 from fedpeft_hpc.errors import ConfigError, DataError
+from fedpeft_hpc.utils.files import atomic_write_text
+from fedpeft_hpc.utils.streams import PARTITION_DIRICHLET, PARTITION_IID, rng
 
 MAX_DIRICHLET_TRIES = 1000
 
@@ -25,7 +26,7 @@ def _check_clients(num_samples: int, num_clients: int) -> None:
 def partition_iid(num_samples: int, num_clients: int, seed: int) -> list[np.ndarray]:
     """Random permutation cut into ``num_clients`` near-equal sorted parts."""
     _check_clients(num_samples, num_clients)
-    perm = np.random.default_rng([seed, 2]).permutation(num_samples)
+    perm = rng(seed, PARTITION_IID).permutation(num_samples)
     return [np.sort(p).astype(np.int64) for p in np.array_split(perm, num_clients)]
 
 
@@ -38,15 +39,15 @@ def partition_dirichlet(targets: np.ndarray, num_clients: int, alpha: float, min
     if num_clients * min_samples > n:
         raise ConfigError("data.min_samples", f"{num_clients} clients x {min_samples} samples exceeds the "
                           f"{n} training samples; use data.min_samples <= {n // num_clients}")
-    rng = np.random.default_rng([seed, 3])
+    draw = rng(seed, PARTITION_DIRICHLET)
     classes = [np.flatnonzero(targets == k) for k in np.unique(targets)]
     cap = n / num_clients
     for _ in range(MAX_DIRICHLET_TRIES):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
         sizes = np.zeros(num_clients, dtype=np.int64)
         for idx_k in classes:
-            idx_k = rng.permutation(idx_k)
-            p = rng.dirichlet(np.full(num_clients, alpha))
+            idx_k = draw.permutation(idx_k)
+            p = draw.dirichlet(np.full(num_clients, alpha))
             p = p * (sizes < cap)
             if p.sum() <= 0:  # all mass underflowed onto full clients: spread over the others
                 p = (sizes < cap).astype(np.float64)
@@ -85,24 +86,19 @@ def _validate(parts: list[np.ndarray], n: int, num_clients: int, path: str | os.
     if len(allidx) and (allidx.min() < 0 or allidx.max() >= n):
         raise DataError(f"{where} has indices outside [0, {n}) for a training set of {n} samples; "
                         f"it was made for another dataset or data.max_train_samples")
+    empty = [k for k, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise DataError(f"{where}: client(s) {', '.join(map(str, empty[:8]))} hold no samples; every client "
+                        "needs at least one (drop them and lower fed.num_clients, or draw a new partition)")
     if len(np.unique(allidx)) != len(allidx):
         raise DataError(f"{where}: some indices are assigned more than once; each sample may belong "
                         f"to one client only")
 
 
 def save_partition(path: str | os.PathLike, parts: list[np.ndarray], meta: dict[str, Any]) -> None:
-    """Write ``{"num_clients", "meta", "clients"}`` JSON atomically (tmp file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``{"num_clients", "meta", "clients"}`` JSON atomically."""
     doc = {"num_clients": len(parts), "meta": meta, "clients": [[int(i) for i in p] for p in parts]}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, default=_json_default)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(Path(path), json.dumps(doc, default=_json_default))
 
 
 def _json_default(o: Any) -> Any:

@@ -42,15 +42,17 @@ def update_is_valid(vec: torch.Tensor, max_norm: float | None) -> bool:
 
 
 class RoundBuffer:
+    """This rank's share of a round: ``values`` is the one flat fp64 tensor that gets all-reduced."""
+
     def __init__(self, num_params: int, device: torch.device):
         self.num_params = num_params
-        self.buf = torch.zeros(num_params + len(STATS), dtype=torch.float64, device=device)
+        self.values = torch.zeros(num_params + len(STATS), dtype=torch.float64, device=device)
 
     def _stat(self, name: str, value: float) -> None:
-        self.buf[self.num_params + STATS.index(name)] += value
+        self.values[self.num_params + STATS.index(name)] += value
 
     def add(self, update: torch.Tensor, weight: float, loss_sum: float, seen: int, correct: int) -> None:
-        self.buf[: self.num_params].add_(update.to(self.buf), alpha=float(weight))
+        self.values[: self.num_params].add_(update.to(self.values), alpha=float(weight))
         self._stat("weight_sum", float(weight))
         self._stat("loss_sum", float(loss_sum))
         self._stat("seen", seen)
@@ -61,9 +63,9 @@ class RoundBuffer:
         self._stat("rejected", 1)
 
     def split(self) -> tuple[torch.Tensor, RoundStats]:
-        tail = self.buf[self.num_params:].cpu().tolist()
+        tail = self.values[self.num_params:].cpu().tolist()
         values = dict(zip(STATS, tail))
         stats = RoundStats(weight_sum=values["weight_sum"], loss_sum=values["loss_sum"], seen=int(values["seen"]),
                            correct=int(values["correct"]), returned=int(values["returned"]),
                            rejected=int(values["rejected"]))
-        return self.buf[: self.num_params], stats
+        return self.values[: self.num_params], stats

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpeft_hpc.config.schema import OptimConfig
-from fedpeft_hpc.federated.flat import FlatLayout
+from fedpeft_hpc.peft.state import FlatLayout, load_vector
 
 
 @dataclass
@@ -35,16 +35,10 @@ def make_optimizer(params: Iterable[torch.Tensor], cfg: OptimConfig) -> torch.op
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-@torch.no_grad()
-def load_flat(params: Mapping[str, torch.Tensor], layout: FlatLayout, vec: torch.Tensor) -> None:
-    for name, value in layout.unflatten(vec).items():
-        params[name].copy_(value)
-
-
 def local_train(model: nn.Module, params: Mapping[str, nn.Parameter], layout: FlatLayout,
                 start: torch.Tensor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                 optimizer: torch.optim.Optimizer, device: torch.device) -> LocalResult:
-    load_flat(params, layout, start)
+    load_vector(params, layout, start)
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)

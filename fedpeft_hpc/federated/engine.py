@@ -19,69 +19,105 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedpeft_hpc.comm.collective import Communicator
 from fedpeft_hpc.config.schema import Config
-from fedpeft_hpc.data import build_datasets, make_partition, partition_stats, save_partition
+from fedpeft_hpc.data import DataBundle, build_datasets, make_partition, partition_stats, save_partition
 from fedpeft_hpc.errors import ConfigError
-from fedpeft_hpc.federated.aggregate import RoundBuffer, update_is_valid
-from fedpeft_hpc.federated.client import load_flat, local_train, make_optimizer
+from fedpeft_hpc.federated.aggregate import RoundBuffer, RoundStats, update_is_valid
+from fedpeft_hpc.federated.client import local_train, make_optimizer
 from fedpeft_hpc.federated.evaluate import evaluate_shard
-from fedpeft_hpc.federated.flat import FlatLayout
 from fedpeft_hpc.federated.ledger import ByteLedger
-from fedpeft_hpc.federated.sampling import CLIENT_DATA, Schedule, assign_to_ranks, torch_generator
+from fedpeft_hpc.federated.sampling import Schedule, assign_to_ranks
 from fedpeft_hpc.federated.server_opt import build_server_optimizer
-from fedpeft_hpc.models import build_model
-from fedpeft_hpc.peft import count_params, peft_params
-from fedpeft_hpc.privacy import build_privacy
+from fedpeft_hpc.models import BuiltModel, build_model
+from fedpeft_hpc.peft import FlatLayout, count_params, load_vector, peft_params
+from fedpeft_hpc.privacy import PrivacyMechanism, build_privacy
 from fedpeft_hpc.runs.checkpoint import Checkpoint
 from fedpeft_hpc.runs.rundir import RunDir
+from fedpeft_hpc.runs.sinks import JsonlSink, MetricsSinks, TensorBoardSink
+from fedpeft_hpc.utils.streams import CLIENT_DATA, torch_generator
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Env:
-    """What the engine needs from the process layout (see ``comm.Runtime``)."""
+class Federation:
+    """Everything a run is made of, built (and every user input checked) before a file is written."""
 
-    rank: int
-    world_size: int
-    device: torch.device
-    comm: Any  # has allreduce_sum_(tensor, tag) and .last[tag]
-    backend: str = "none"
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    built: BuiltModel
+    counts: dict  # total/trainable parameters, bytes per transfer
+    data: DataBundle
+    client_indices: list[np.ndarray]  # training-set indices of each client
+    sizes: np.ndarray  # samples per client
+    schedule: Schedule
+    privacy: PrivacyMechanism
 
 
-class FederatedRun:
-    def __init__(self, cfg: Config, env: Env):
+def build_federation(cfg: Config, device: torch.device) -> Federation:
+    """Model (weights loaded), data, partition, schedule and privacy calibration; writes nothing."""
+    built = build_model(cfg.model, cfg.peft, cfg.seed)
+    data = build_datasets(cfg.data, built.image, cfg.seed)
+    if data.num_classes > cfg.model.num_classes:
+        raise ConfigError("model.num_classes", f"{cfg.model.num_classes} is fewer than the "
+                                               f"{data.num_classes} classes of data.name={cfg.data.name}")
+    client_indices = make_partition(cfg.data, data.train_targets, cfg.fed.num_clients, cfg.seed)
+    sizes = np.array([len(p) for p in client_indices], dtype=np.int64)
+    schedule = Schedule(cfg.seed, cfg.fed.num_clients, cfg.fed.clients_per_round, cfg.fed.dropout)
+    privacy = build_privacy(cfg, client_sizes=sizes, schedule=schedule, device=device)
+    return Federation(built=built, counts=count_params(built.model), data=data, client_indices=client_indices,
+                      sizes=sizes, schedule=schedule, privacy=privacy)
+
+
+@dataclass
+class RoundResult:
+    """What one round did; ``row()`` turns it into the ``metrics.jsonl`` record."""
+
+    round: int
+    sampled: int
+    returning: int
+    stats: RoundStats
+    applied: bool
+    bytes: dict  # the ledger's record of this round
+    test: tuple[float, float] | None  # (accuracy, loss) in evaluation rounds
+    privacy: dict  # epsilon spent so far (DP runs)
+    collective: dict  # all-reduce record (several processes)
+    wall_s: float
+
+    def row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"round": self.round, "clients": self.stats.returned if self.applied else 0,
+                               "sampled": self.sampled, "dropped": self.sampled - self.returning,
+                               "rejected": self.stats.rejected, "skipped": not self.applied}
+        row.update(self.bytes)
+        row["train_loss"] = self.stats.train_loss
+        row["train_acc"] = self.stats.train_acc
+        if self.test is not None:
+            row["test_acc"], row["test_loss"] = self.test
+        row.update(self.privacy)
+        row.update(self.collective)
+        row["wall_s"] = self.wall_s
+        return row
+
+
+class FederatedTrainer:
+    """One rank's side of a federated training: built once, then ``fit()``."""
+
+    def __init__(self, cfg: Config, comm: Communicator, federation: Federation | None = None):
         self.cfg = cfg
-        self.env = env
-        self.rundir = RunDir(cfg.run.dir, is_main=env.is_main)
-        self.model, spec = build_model(cfg.model, cfg.peft, cfg.seed)
-        self.counts = count_params(self.model)
-        self.data = build_datasets(cfg.data, spec, cfg.seed)
-        if self.data.num_classes > cfg.model.num_classes:
-            raise ConfigError("model.num_classes", f"{cfg.model.num_classes} is fewer than the "
-                                                   f"{self.data.num_classes} classes of data.name={cfg.data.name}")
-        self.parts = make_partition(cfg.data, self.data.train_targets, cfg.fed.num_clients, cfg.seed)
-        self.sizes = np.array([len(p) for p in self.parts], dtype=np.int64)
-        self.schedule = Schedule(cfg.seed, cfg.fed.num_clients, cfg.fed.clients_per_round, cfg.fed.dropout)
-        self.privacy = build_privacy(cfg, client_sizes=self.sizes, schedule=self.schedule, seed=cfg.seed,
-                                     device=env.device)
+        self.comm = comm
+        self.fed = federation if federation is not None else build_federation(cfg, comm.device)
+        self.rundir = RunDir(cfg.run.dir, is_main=comm.is_main)
         resume = self.rundir.open(cfg)  # only now that model, data and privacy are known to be fine
-        if env.is_main and not cfg.data.partition_file:
-            save_partition(self.rundir.path / "partition.json", self.parts,
+        if comm.is_main and not cfg.data.partition_file:
+            save_partition(self.rundir.path / "partition.json", self.fed.client_indices,
                            {"seed": cfg.seed, "partition": cfg.data.partition, "alpha": cfg.data.alpha,
                             "dataset": cfg.data.name})
-
-        self.model.to(env.device)
+        self.model = self.fed.built.model.to(comm.device)
         self.params = peft_params(self.model)
         self.layout = FlatLayout(self.params)
         self.global_vec = self.layout.flatten(self.params, torch.float32)
-        self.train_model = self.privacy.wrap_model(self.model)
-        self.server_opt = build_server_optimizer(cfg.server, self.layout.size, env.device)
-        self.ledger = ByteLedger(self.counts["bytes_per_transfer"], self.model.fedpeft_full_bytes)
+        self.train_model = self.fed.privacy.wrap_model(self.model)
+        self.server_opt = build_server_optimizer(cfg.server, self.layout.size, comm.device)
+        self.ledger = ByteLedger(self.fed.counts["bytes_per_transfer"], self.fed.built.full_bytes_per_transfer)
         self.start_round = 1
         self.best_acc: float | None = None
         self.last_acc: float | None = None
@@ -94,37 +130,35 @@ class FederatedRun:
             round=round_idx, peft=dict(self.layout.unflatten(self.global_vec)),
             server=self.server_opt.state_dict(),
             state={"ledger": self.ledger.state_dict(), "best_acc": self.best_acc, "last_acc": self.last_acc,
-                   "server_steps": self.server_opt.steps, "privacy": self.privacy.state_dict()})
+                   "server_steps": self.server_opt.steps, "privacy": self.fed.privacy.state_dict()})
 
     def _restore(self, ckpt: Checkpoint) -> None:
-        missing = set(self.layout.names) ^ set(ckpt.peft)
-        if missing:
+        diff = self.layout.mismatch(ckpt.peft)
+        if diff:
             raise ConfigError("run.dir", f"checkpoint does not match peft.method={self.cfg.peft.method}: "
-                                         f"differs in {sorted(missing)[:4]}")
-        vec = self.layout.flatten(ckpt.peft, torch.float32).to(self.env.device)
-        self.global_vec.copy_(vec)
+                                         f"differs in {diff[:4]}")
+        self.global_vec.copy_(self.layout.flatten(ckpt.peft, torch.float32).to(self.comm.device))
         self.server_opt.load_state_dict(ckpt.server, ckpt.state.get("server_steps", 0))
         self.ledger.load_state_dict(ckpt.state["ledger"])
         self.best_acc = ckpt.state.get("best_acc")
         self.last_acc = ckpt.state.get("last_acc")
-        self.privacy.load_state_dict(ckpt.state.get("privacy", {}))
+        self.fed.privacy.load_state_dict(ckpt.state.get("privacy", {}))
         self.start_round = ckpt.round + 1
-        log.info("resuming %s after round %d", self.rundir.path, ckpt.round)
 
     # -- one round -----------------------------------------------------------------------
-    def _train_clients(self, round_idx: int, trained: list[int]) -> RoundBuffer:
-        cfg, env = self.cfg, self.env
-        mine = assign_to_ranks(trained, self.sizes, env.world_size)[env.rank]
-        buf = RoundBuffer(self.layout.size, env.device)
-        for client in mine:
+    def _train_clients(self, round_idx: int, clients: list[int]) -> RoundBuffer:
+        """Train ``clients`` (this rank's share) one after another; their weighted updates, summed."""
+        cfg, fed, device = self.cfg, self.fed, self.comm.device
+        buf = RoundBuffer(self.layout.size, device)
+        for client in clients:
             gen = torch_generator(cfg.seed, CLIENT_DATA, round_idx, client)
-            n = int(self.sizes[client])
-            batches = self.privacy.client_batches(self.data.train, self.parts[client], cfg.data.batch_size,
-                                                  cfg.fed.local_epochs, gen, cfg.data.num_workers)
+            n = int(fed.sizes[client])
+            batches = fed.privacy.client_batches(fed.data.train, fed.client_indices[client], cfg.data.batch_size,
+                                                 cfg.fed.local_epochs, gen, cfg.data.num_workers)
             opt = make_optimizer(self.params.values(), cfg.optim)
-            opt = self.privacy.wrap_optimizer(opt, client, round_idx, n)
-            res = local_train(self.train_model, self.params, self.layout, self.global_vec, batches, opt, env.device)
-            vec, weight = self.privacy.client_update(res.delta, n)
+            opt = fed.privacy.wrap_optimizer(opt, client, round_idx, n)
+            res = local_train(self.train_model, self.params, self.layout, self.global_vec, batches, opt, device)
+            vec, weight = fed.privacy.client_update(res.delta, n)
             if update_is_valid(vec, cfg.fed.max_update_norm):
                 buf.add(vec, weight, res.loss_sum, res.seen, res.correct)
             else:
@@ -134,94 +168,110 @@ class FederatedRun:
         return buf
 
     def _evaluate(self) -> tuple[float, float]:
-        env = self.env
-        load_flat(self.params, self.layout, self.global_vec)
-        sums = evaluate_shard(self.model, self.data.test, self.cfg.data.eval_batch_size, env.device, env.rank,
-                              env.world_size, self.cfg.data.num_workers)
-        env.comm.allreduce_sum_(sums, tag="eval")
+        comm = self.comm
+        load_vector(self.params, self.layout, self.global_vec)
+        sums = evaluate_shard(self.model, self.fed.data.test, self.cfg.data.eval_batch_size, comm.device,
+                              comm.rank, comm.world_size, self.cfg.data.num_workers)
+        comm.allreduce_sum_(sums, tag="eval")
         loss_sum, correct, count = sums.tolist()
         return correct / count, loss_sum / count
 
-    def run_round(self, round_idx: int) -> dict:
-        cfg, env = self.cfg, self.env
+    def train_round(self, round_idx: int) -> RoundResult:
+        cfg, comm, fed = self.cfg, self.comm, self.fed
         t0 = time.perf_counter()
-        cohort = self.schedule.cohort(round_idx)
-        trained = self.schedule.trained(round_idx)
-        buf = self._train_clients(round_idx, trained)
-        calls_before = env.comm.call_count("aggregate")
-        env.comm.allreduce_sum_(buf.buf, tag="aggregate")  # the ONE aggregation collective
+        # 1. the cohort and who returns: the same on every rank, drawn from (seed, round, client)
+        cohort = fed.schedule.cohort(round_idx)
+        returning = fed.schedule.returning(round_idx)
+        # 2. this rank trains its share of the returning clients and sums their weighted updates
+        share = assign_to_ranks(returning, fed.sizes, comm.world_size)[comm.rank]
+        buf = self._train_clients(round_idx, share)
+        # 3. ONE all-reduce aggregates updates, weights and metric sums of every rank
+        calls_before = comm.call_count("aggregate")
+        comm.allreduce_sum_(buf.values, tag="aggregate")
         update_sum, stats = buf.split()
+        # 4. the server rule (and DP noise), identically on every rank
         applied = stats.returned >= cfg.fed.min_clients and stats.weight_sum > 0
         if applied:
-            delta = self.privacy.finalize(update_sum, stats.weight_sum, round_idx)
+            delta = fed.privacy.finalize(update_sum, stats.weight_sum, round_idx)
             self.server_opt.step(self.global_vec, delta.to(torch.float32))
-        self.privacy.account(round_idx, trained)
-        row: dict[str, Any] = {"round": round_idx, "clients": stats.returned if applied else 0,
-                               "sampled": len(cohort), "dropped": len(cohort) - len(trained),
-                               "rejected": stats.rejected, "skipped": not applied}
-        row.update(self.ledger.record(sampled=len(cohort), returned=stats.returned + stats.rejected))
-        row["train_loss"] = stats.train_loss
-        row["train_acc"] = stats.train_acc
+        fed.privacy.account(round_idx, returning)
+        # 5. bytes, evaluation, privacy spent
+        bytes_row = self.ledger.record(sampled=len(cohort), returned=stats.returned + stats.rejected)
+        test = None
         if round_idx % cfg.eval.every == 0 or round_idx == cfg.fed.rounds:
-            acc, loss = self._evaluate()
-            row["test_acc"], row["test_loss"] = acc, loss
-            self.last_acc = acc
-            self.best_acc = acc if self.best_acc is None else max(self.best_acc, acc)
-        row.update(self._privacy_fields())
-        if env.world_size > 1:
-            rec = env.comm.last["aggregate"]
-            row.update({"allreduce_bytes": rec.bytes, "allreduce_ring_bytes": rec.ring_bytes,
-                        "allreduce_ms": rec.ms, "allreduce_backend": rec.backend,
-                        "allreduce_calls": env.comm.call_count("aggregate") - calls_before,
-                        "world_size": env.world_size})
-        row["wall_s"] = time.perf_counter() - t0
-        return row
+            test = self._evaluate()
+            self.last_acc = test[0]
+            self.best_acc = test[0] if self.best_acc is None else max(self.best_acc, test[0])
+        collective = {}
+        if comm.world_size > 1:
+            rec = comm.last["aggregate"]
+            collective = {"allreduce_bytes": rec.bytes, "allreduce_ring_bytes": rec.ring_bytes,
+                          "allreduce_ms": rec.ms, "allreduce_backend": rec.backend,
+                          "allreduce_calls": comm.call_count("aggregate") - calls_before,
+                          "world_size": comm.world_size}
+        return RoundResult(round=round_idx, sampled=len(cohort), returning=len(returning), stats=stats,
+                           applied=applied, bytes=bytes_row, test=test, privacy=self._privacy_fields(),
+                           collective=collective, wall_s=time.perf_counter() - t0)
 
     # -- the loop ------------------------------------------------------------------------
-    def run(self) -> dict:
-        cfg = self.cfg
-        if self.env.is_main:
-            stats = partition_stats(self.parts, self.data.train_targets, self.data.num_classes)
+    def _sinks(self) -> MetricsSinks:
+        if not self.comm.is_main:
+            return MetricsSinks()
+        sinks = [JsonlSink(self.rundir.metrics_path)]
+        if self.cfg.run.tensorboard:
+            sinks.append(TensorBoardSink(self.rundir.path / "tensorboard"))
+        return MetricsSinks(sinks)
+
+    def fit(self) -> dict:
+        """Train rounds ``start_round..fed.rounds``, checkpointing as configured; returns the summary."""
+        cfg, fed = self.cfg, self.fed
+        if self.start_round > 1:
+            log.info("resuming %s after round %d", self.rundir.path, self.start_round - 1)
+        if self.comm.is_main:
+            stats = partition_stats(fed.client_indices, fed.data.train_targets, fed.data.num_classes)
             log.info("%s: %d clients, sizes min/median/max %d/%d/%d; %s trainable %s of %s params, "
                      "%.3f MB per transfer", cfg.data.name, cfg.fed.num_clients, min(stats["sizes"]),
                      int(np.median(stats["sizes"])), max(stats["sizes"]), cfg.peft.method,
-                     f"{self.counts['trainable_params']:,}", f"{self.counts['total_params']:,}",
-                     self.counts["bytes_per_transfer"] / 1e6)
-        bar = _progress(cfg, self.env.is_main, self.start_round)
+                     f"{fed.counts['trainable_params']:,}", f"{fed.counts['total_params']:,}",
+                     fed.counts["bytes_per_transfer"] / 1e6)
+        sinks = self._sinks()
+        bar = _progress(cfg, self.comm.is_main, self.start_round)
         t_start = time.perf_counter()
         try:
             for r in range(self.start_round, cfg.fed.rounds + 1):
-                row = self.run_round(r)
+                row = self.train_round(r).row()
                 row["elapsed_s"] = time.perf_counter() - t_start
-                self.rundir.append_metrics(row)
+                sinks.write(row)
                 if r % cfg.run.checkpoint_every == 0 or r == cfg.fed.rounds:
                     self.rundir.save(self._checkpoint(r), cfg.run.keep_checkpoints)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_postfix(row, self.last_acc))
         finally:
+            sinks.close()
             if bar is not None:
                 bar.close()
         summary = self.summary()
         self.rundir.write_summary(summary)
-        self.rundir.write_json("privacy.json", self.privacy.report())
+        self.rundir.write_json("privacy.json", fed.privacy.report())
         return summary
 
     def summary(self) -> dict:
+        counts = self.fed.counts
         s = {"final_acc": self.last_acc, "best_acc": self.best_acc, "rounds": self.cfg.fed.rounds,
              "method": self.cfg.peft.method, "model": self.cfg.model.name, "dataset": self.cfg.data.name,
-             "trainable_params": self.counts["trainable_params"], "total_params": self.counts["total_params"],
-             "bytes_per_transfer": self.counts["bytes_per_transfer"],
+             "trainable_params": counts["trainable_params"], "total_params": counts["total_params"],
+             "bytes_per_transfer": counts["bytes_per_transfer"],
              "bytes_up_total": self.ledger.bytes_up_total, "bytes_down_total": self.ledger.bytes_down_total,
              "bytes_total": self.ledger.bytes_total, "full_ft_bytes_total": self.ledger.full_ft_bytes_total,
-             "world_size": self.env.world_size, "seed": self.cfg.seed}
+             "world_size": self.comm.world_size, "seed": self.cfg.seed}
         s.update(self._privacy_fields())
         return s
 
     def _privacy_fields(self) -> dict:
         """``epsilon`` spent so far (largest over clients) at ``delta``; no noise means no bound:
         ``epsilon`` null and ``epsilon_unbounded`` true (strict JSON has no infinity)."""
-        eps = self.privacy.epsilon()
+        eps = self.fed.privacy.epsilon()
         if eps is None:
             return {}
         if math.isinf(eps):

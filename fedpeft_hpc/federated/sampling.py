@@ -1,7 +1,8 @@
-"""Every random stream of a run, derived from (seed, round, client) and never from rank.
+"""Who takes part in a round, and which rank trains whom.
 
-Cohort sampling, dropout and each client's data order are pure functions of these
-keys, so any number of processes draws exactly the same values.
+Cohort sampling and dropout are pure functions of (seed, round, client) through the streams
+of ``utils.streams``, never of the rank, so every rank draws the same cohort without talking.
+``assign_to_ranks`` then spreads the returning clients over the ranks deterministically.
 """
 
 from __future__ import annotations
@@ -9,20 +10,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-import torch
 
-# Stream tags: one per use, so that two uses never share random numbers.
-COHORT, DROPOUT, CLIENT_DATA, CENTRAL_NOISE, CLIENT_NOISE = 11, 12, 13, 14, 15
-
-
-def rng(seed: int, *keys: int) -> np.random.Generator:
-    return np.random.default_rng([int(seed), *map(int, keys)])
-
-
-def torch_generator(seed: int, *keys: int, device: str | torch.device = "cpu") -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(int(rng(seed, *keys).integers(0, 2**63 - 1)))
-    return g
+from fedpeft_hpc.utils.streams import COHORT, DROPOUT, rng
 
 
 def sample_cohort(seed: int, round_idx: int, num_clients: int, clients_per_round: int) -> np.ndarray:
@@ -69,7 +58,7 @@ class Schedule:
     def dropped(self, round_idx: int) -> list[int]:
         return [c for c in self.cohort(round_idx) if dropped(self.seed, round_idx, c, self.dropout)]
 
-    def trained(self, round_idx: int) -> list[int]:
+    def returning(self, round_idx: int) -> list[int]:
         """Sampled clients that return an update (dropped clients are not trained in simulation)."""
         return [c for c in self.cohort(round_idx) if not dropped(self.seed, round_idx, c, self.dropout)]
 
@@ -77,5 +66,5 @@ class Schedule:
         """How many of rounds 1..rounds each client trains in."""
         counts = np.zeros(self.num_clients, dtype=np.int64)
         for r in range(1, rounds + 1):
-            counts[self.trained(r)] += 1
+            counts[self.returning(r)] += 1
         return counts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from fedpeft_hpc.config.schema import ModelConfig
 from fedpeft_hpc.data.transforms import ImageSpec
 from fedpeft_hpc.errors import CheckpointError, ConfigError
+from fedpeft_hpc.utils.hints import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +26,7 @@ def _create(cfg: ModelConfig) -> nn.Module:
     import timm
 
     if not timm.is_model(cfg.name):
-        import difflib
-
-        close = difflib.get_close_matches(cfg.name, timm.list_models(), n=3)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ConfigError("model.name", f"{cfg.name!r} is not a timm model.{hint}")
+        raise ConfigError("model.name", f"{cfg.name!r} is not a timm model.{did_you_mean(cfg.name, timm.list_models(), 3)}")
     kwargs = dict(cfg.kwargs)
     if cfg.img_size is not None:
         kwargs["img_size"] = cfg.img_size
@@ -121,8 +119,6 @@ def build_backbone(cfg: ModelConfig, seed: int, load_weights: bool = True) -> nn
 
 
 def _without_weights(cfg: ModelConfig) -> ModelConfig:
-    from dataclasses import replace
-
     return replace(cfg, pretrained=False, checkpoint=None)
 
 

@@ -20,12 +20,15 @@ import torch.nn.functional as F
 
 from fedpeft_hpc.config.schema import ModelConfig
 from fedpeft_hpc.models.backbone import build_backbone, expand_path, image_spec
-from fedpeft_hpc.runs.files import atomic_write
+from fedpeft_hpc.data import digits_splits
+from fedpeft_hpc.data.transforms import tensor_to_spec
+from fedpeft_hpc.utils.files import atomic_write
+from fedpeft_hpc.utils.streams import FIXED_SPLIT_SEED
 
 log = logging.getLogger(__name__)
 
 RECIPES: dict[str, Callable[[ModelConfig, Path], dict]] = {}
-RECIPE_SEED = 0  # the pre-trained backbone is a fixed artifact, independent of the run's seed
+RECIPE_SEED = FIXED_SPLIT_SEED  # the pre-trained backbone is a fixed artifact, independent of the run's seed
 
 
 def register_recipe(name: str):
@@ -68,9 +71,6 @@ def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 1) -> torch.T
 def pretrain_digits(cfg: ModelConfig, path: Path, epochs: int = 60, batch_size: int = 64,
                     lr: float = 2e-3) -> dict:
     from safetensors.torch import save_file
-
-    from fedpeft_hpc.data import digits_splits
-    from fedpeft_hpc.data.transforms import tensor_to_spec
 
     images, labels = digits_splits()["pretrain"]
     base = replace(cfg, pretrained=False, checkpoint=None, pretrain_recipe=None, num_classes=10)

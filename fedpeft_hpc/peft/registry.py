@@ -8,12 +8,15 @@ the frozen backbone is shared and never sent.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import importlib
 from typing import Callable, Protocol
 
 from torch import nn
 
 from fedpeft_hpc.config.schema import PeftConfig
+from fedpeft_hpc.errors import ConfigError
+from fedpeft_hpc.peft.state import peft_params
+from fedpeft_hpc.utils.hints import did_you_mean
 
 
 class PeftMethod(Protocol):
@@ -37,8 +40,6 @@ def register_peft(name: str) -> Callable[[PeftMethod], PeftMethod]:
 
 
 def _load_builtin() -> None:
-    import importlib
-
     for name in _BUILTIN:
         importlib.import_module(f"fedpeft_hpc.peft.{name}")
 
@@ -48,29 +49,28 @@ def registered_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def get_method(name: str) -> PeftMethod:
+    """The method registered as ``name``; a ``ConfigError`` on ``peft.method`` otherwise."""
+    _load_builtin()
+    if name not in _METHODS:
+        raise ConfigError("peft.method", f"unknown method {name!r}.{did_you_mean(name, _METHODS)} "
+                                         f"Valid: {', '.join(sorted(_METHODS))}")
+    return _METHODS[name]
+
+
 def apply_peft(model: nn.Module, cfg: PeftConfig) -> nn.Module:
     """Freeze ``model`` and let ``cfg.method`` add and unfreeze its parameters."""
-    _load_builtin()
-    if cfg.method not in _METHODS:
-        raise KeyError(cfg.method)
-    # what full fine-tuning of this backbone would exchange, before any PEFT module is added
-    model.fedpeft_full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    method = get_method(cfg.method)
     for p in model.parameters():
         p.requires_grad_(False)
-    _METHODS[cfg.method](model, cfg)
+    method(model, cfg)
     if not any(p.requires_grad for p in model.parameters()):  # pragma: no cover - method bug
         raise RuntimeError(f"PEFT method {cfg.method!r} left nothing trainable")
     return model
 
 
-def peft_params(model: nn.Module) -> "OrderedDict[str, nn.Parameter]":
-    """The trainable tensors (a client's state), in a fixed order (sorted by name)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return OrderedDict(sorted(named, key=lambda kv: kv[0]))
-
-
-def frozen_params(model: nn.Module) -> "OrderedDict[str, nn.Parameter]":
-    return OrderedDict((n, p) for n, p in model.named_parameters() if not p.requires_grad)
+def frozen_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if not p.requires_grad}
 
 
 def unfreeze_head(model: nn.Module) -> None:
@@ -79,6 +79,11 @@ def unfreeze_head(model: nn.Module) -> None:
         raise ValueError(f"{type(model).__name__} has no classifier head to train")
     for p in head.parameters():
         p.requires_grad_(True)
+
+
+def param_bytes(model: nn.Module, trainable_only: bool) -> int:
+    """Bytes of the model's (trainable) parameters in their own dtypes: one transfer of them."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def count_params(model: nn.Module) -> dict[str, int]:

@@ -1,11 +1,16 @@
-"""The hooks through which privacy shapes a round. ``NoPrivacy`` is plain FedAvg.
+"""The interface through which privacy shapes a round, and plain FedAvg (``NoPrivacy``).
 
-The engine calls, per client: ``wrap_optimizer``, ``client_batches``, ``client_update``;
-per round, on every rank: ``finalize`` (after the one all-reduce) and ``account``.
+The engine calls, per client: ``wrap_optimizer``, ``client_batches``, then (after local
+training) ``client_update``; per round, on every rank, after the one all-reduce: ``finalize``
+and ``account``; per run: ``wrap_model`` once, ``epsilon``/``report`` for the logs, and
+``state_dict``/``load_state_dict`` for checkpoints. A mechanism may shape only what these hooks
+hand it, so everything a guarantee rests on is visible here. (Modelled on pfl-research's
+postprocessors: ``postprocess_one_user`` ~ ``client_update``, ``postprocess_server`` ~ ``finalize``.)
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -15,8 +20,57 @@ from torch import nn
 from fedpeft_hpc.data.loader import iterate_batches
 
 
-class NoPrivacy:
-    mode = "none"
+class PrivacyMechanism(ABC):
+    """The hooks the engine calls; one subclass per privacy mode (``mode`` names it)."""
+
+    mode: str
+
+    @abstractmethod
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The module that local training runs (e.g. with per-sample gradient hooks). Called once."""
+
+    @abstractmethod
+    def client_batches(self, dataset, indices: np.ndarray, batch_size: int, epochs: int,
+                       generator: torch.Generator, num_workers: int = 0) -> Iterable:
+        """The ``(x, y)`` batches of one client's local training, drawn with ``generator`` only."""
+
+    @abstractmethod
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, client: int, round_idx: int,
+                       num_samples: int) -> torch.optim.Optimizer:
+        """The optimizer that client ``client`` steps with in round ``round_idx``."""
+
+    @abstractmethod
+    def client_update(self, delta: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, float]:
+        """The vector a client contributes to the sum (e.g. clipped) and its aggregation weight."""
+
+    @abstractmethod
+    def finalize(self, update_sum: torch.Tensor, weight_sum: float, round_idx: int) -> torch.Tensor:
+        """The server's pseudo-gradient from the all-reduced weighted sum (e.g. plus noise, divided)."""
+
+    @abstractmethod
+    def account(self, round_idx: int, returning: Sequence[int]) -> None:
+        """Record the privacy cost of round ``round_idx`` in which ``returning`` clients trained."""
+
+    @abstractmethod
+    def epsilon(self) -> float | None:
+        """Epsilon spent so far at the configured delta (``None`` without DP, ``inf`` without noise)."""
+
+    @abstractmethod
+    def report(self) -> dict:
+        """Everything needed to recompute the reported epsilon (written to ``privacy.json``)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict:
+        """The accountant's state (JSON-able), saved in every checkpoint."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()`` on resume."""
+
+
+class PlainLocalTraining:
+    """The local-training hooks of a mechanism that leaves local training alone: the model as it
+    is, ``epochs`` shuffled passes over the client's data, the optimizer as it is."""
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model
@@ -30,14 +84,24 @@ class NoPrivacy:
                        num_samples: int) -> torch.optim.Optimizer:
         return optimizer
 
+
+class SampleWeightedMean:
+    """The aggregation hooks of FedAvg: each update as it is, weighted by its exact sample count;
+    the server takes the weighted mean."""
+
     def client_update(self, delta: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, float]:
-        """The vector a client contributes and its aggregation weight (FedAvg: exact sample count)."""
         return delta, float(num_samples)
 
     def finalize(self, update_sum: torch.Tensor, weight_sum: float, round_idx: int) -> torch.Tensor:
         return update_sum / weight_sum
 
-    def account(self, round_idx: int, trained: Sequence[int]) -> None:
+
+class NoPrivacy(PlainLocalTraining, SampleWeightedMean, PrivacyMechanism):
+    """FedAvg without DP: shuffled batches, clients weighted by their exact sample counts."""
+
+    mode = "none"
+
+    def account(self, round_idx: int, returning: Sequence[int]) -> None:
         pass
 
     def epsilon(self) -> float | None:
@@ -51,15 +115,3 @@ class NoPrivacy:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-class DPHooks(NoPrivacy):
-    """What both DP modes read from ``privacy.*``: accountant, delta, clipping norm, target, seed."""
-
-    def __init__(self, cfg, seed: int):
-        pv = cfg.privacy
-        self.accountant = pv.accountant
-        self.delta = float(pv.delta)
-        self.max_grad_norm = float(pv.max_grad_norm)
-        self.target_epsilon = pv.target_epsilon
-        self.seed = int(seed)

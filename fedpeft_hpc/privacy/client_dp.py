@@ -30,9 +30,11 @@ from typing import Sequence
 
 import torch
 
-from fedpeft_hpc.federated.sampling import CENTRAL_NOISE, torch_generator
-from fedpeft_hpc.privacy.accounting import epsilon_of, merge_history, noise_for
-from fedpeft_hpc.privacy.base import DPHooks
+from fedpeft_hpc.config.schema import FedConfig, PrivacyConfig
+from fedpeft_hpc.privacy.accounting import merge_history
+from fedpeft_hpc.privacy.base import PlainLocalTraining
+from fedpeft_hpc.privacy.mechanism import DPMechanism
+from fedpeft_hpc.utils.streams import CENTRAL_NOISE, torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +51,20 @@ def clip_update(delta: torch.Tensor, max_norm: float) -> torch.Tensor:
     return delta
 
 
-class ClientDP(DPHooks):
+class ClientDP(PlainLocalTraining, DPMechanism):
     mode = "client"
+    clipping = "update clipping"
 
-    def __init__(self, cfg, *, client_sizes: Sequence[int], schedule, seed: int, device):
-        super().__init__(cfg, seed)
-        pv = cfg.privacy
-        self.num_clients = int(cfg.fed.num_clients)
-        self.cohort_size = int(cfg.fed.clients_per_round)
-        self.rounds_planned = int(cfg.fed.rounds)
+    def __init__(self, privacy: PrivacyConfig, fed: FedConfig, seed: int):
+        super().__init__(privacy, seed)
+        self.num_clients = int(fed.num_clients)
+        self.cohort_size = int(fed.clients_per_round)
+        self.rounds_planned = int(fed.rounds)
         self.sample_rate = self.cohort_size / self.num_clients
-        if pv.noise_multiplier is not None:
-            self.noise_multiplier = float(pv.noise_multiplier)
-            if self.noise_multiplier == 0.0:
-                log.warning("privacy.noise_multiplier=0: update clipping only, no privacy (epsilon = inf)")
-        else:
-            what = (f"client-level DP ({self.cohort_size} of {self.num_clients} clients per round, "
-                    f"{self.rounds_planned} rounds)")
-            self.noise_multiplier = noise_for(self.target_epsilon, self.delta, self.sample_rate,
-                                              self.rounds_planned, self.accountant, what=what)
+        what = (f"client-level DP ({self.cohort_size} of {self.num_clients} clients per round, "
+                f"{self.rounds_planned} rounds)")
+        self.noise_multiplier = self.calibrate(self.sample_rate, self.rounds_planned, what)
+        if self.fixed_noise is None:
             log.info("client-level DP: target epsilon %g (delta %g, %s): noise multiplier %.4f",
                      self.target_epsilon, self.delta, self.accountant, self.noise_multiplier)
         self.history: list[tuple[float, float, int]] = []
@@ -90,16 +87,14 @@ class ClientDP(DPHooks):
         return noised / float(self.cohort_size)
 
     # -- accounting ----------------------------------------------------------------------
-    def account(self, round_idx: int, trained: Sequence[int]) -> None:
+    def account(self, round_idx: int, returning: Sequence[int]) -> None:
         self.history = merge_history([*self.history, (self.noise_multiplier, self.sample_rate, 1)])
 
     def epsilon(self) -> float | None:
-        return epsilon_of(self.history, self.delta, self.accountant)
+        return self.epsilon_of(self.history)
 
     def report(self) -> dict:
-        return {"mode": self.mode, "accountant": self.accountant, "delta": self.delta,
-                "max_grad_norm": self.max_grad_norm, "epsilon": self.epsilon(),
-                "target_epsilon": self.target_epsilon, "noise_multiplier": self.noise_multiplier,
+        return {**self.report_header(), "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "steps": int(sum(s for _, _, s in self.history)),
                 "history": [list(e) for e in self.history],
                 "clients_per_round": self.cohort_size, "num_clients": self.num_clients,

@@ -16,7 +16,7 @@ of rounds R_k each client will train in is known up front, and sigma_k is the sm
 noise (Opacus's ``get_noise_multiplier``) with which ``R_k * local_epochs * ceil(n_k/B)``
 steps spend at most the target. Every rank computes the same values without talking.
 
-Aggregation stays FedAvg weighted by exact sample counts (the defaults of ``NoPrivacy``):
+Aggregation stays FedAvg weighted by exact sample counts (``SampleWeightedMean``, as ``NoPrivacy``):
 the weights are public in this threat model (the server sees which client sent what),
 and DP-SGD protects the samples inside each update.
 
@@ -37,11 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedpeft_hpc.config.schema import DataConfig, FedConfig, PrivacyConfig
 from fedpeft_hpc.data.loader import batches_from_index_lists
 from fedpeft_hpc.errors import ConfigError
-from fedpeft_hpc.federated.sampling import CLIENT_NOISE, torch_generator
-from fedpeft_hpc.privacy.accounting import epsilon_of, merge_history, noise_for
-from fedpeft_hpc.privacy.base import DPHooks
+from fedpeft_hpc.peft.prompt import PromptTokens
+from fedpeft_hpc.privacy.accounting import merge_history
+from fedpeft_hpc.privacy.base import SampleWeightedMean
+from fedpeft_hpc.privacy.mechanism import DPMechanism
+from fedpeft_hpc.utils.streams import CLIENT_NOISE, torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +77,6 @@ def register_grad_samplers() -> None:
         return
     from opacus.grad_sample import register_grad_sampler
     from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
-
-    from fedpeft_hpc.peft.prompt import PromptTokens
 
     register_grad_sampler(PromptTokens)(_prompt_grad_sample)
     try:
@@ -129,47 +130,41 @@ def _gsm_classes():
     return DPGradSampleModule, EmptyBatchDPOptimizer
 
 
-class SampleDP(DPHooks):
+class SampleDP(SampleWeightedMean, DPMechanism):
     mode = "sample"
+    clipping = "per-sample clipping"
 
-    def __init__(self, cfg, *, client_sizes: Sequence[int], schedule, seed: int, device):
-        super().__init__(cfg, seed)
-        pv = cfg.privacy
-        self.fixed_noise = pv.noise_multiplier
+    def __init__(self, privacy: PrivacyConfig, fed: FedConfig, data: DataConfig, *, client_sizes: Sequence[int],
+                 schedule, seed: int, device):
+        super().__init__(privacy, seed)
         self.device = torch.device(device)
-        self.batch_size = int(cfg.data.batch_size)
-        self.local_epochs = int(cfg.fed.local_epochs)
+        self.batch_size = int(data.batch_size)
+        self.local_epochs = int(fed.local_epochs)
         self.sizes = [int(n) for n in client_sizes]
         self.steps_per_epoch = [math.ceil(n / self.batch_size) for n in self.sizes]
         self.sample_rates = [1.0 / s for s in self.steps_per_epoch]
         self.steps_per_round = [self.local_epochs * s for s in self.steps_per_epoch]
-        self.noise: list[float | None] = self._calibrate(cfg, schedule)
+        self.noise: list[float | None] = self._calibrate_clients(schedule.participation(fed.rounds))
         self.histories: dict[int, list[tuple[float, float, int]]] = {}
         self.rounds: dict[int, int] = {}
         self.functorch_modules: list[str] = []
         self._wrapped: nn.Module | None = None
 
     # -- noise ---------------------------------------------------------------------------
-    def _calibrate(self, cfg, schedule) -> list[float | None]:
-        k_all = len(self.sizes)
-        if self.fixed_noise is not None:
-            sigma = float(self.fixed_noise)
-            if sigma == 0.0:
-                log.warning("privacy.noise_multiplier=0: per-sample clipping only, no privacy (epsilon = inf)")
-            return [sigma] * k_all
-        part = schedule.participation(cfg.fed.rounds)
-        pairs: set[tuple[float, int]] = set()  # noise_for memoises each (sampling rate, steps) pair
+    def _calibrate_clients(self, participation: np.ndarray) -> list[float | None]:
+        """Each client's noise for the rounds it will train in (``None``: it never trains)."""
+        pairs: set[tuple[float, int]] = set()
         noise: list[float | None] = []
-        for k in range(k_all):
-            steps = int(part[k]) * self.steps_per_round[k]
-            if steps == 0:
+        for k in range(len(self.sizes)):
+            steps = int(participation[k]) * self.steps_per_round[k]
+            if steps == 0 and self.fixed_noise is None:
                 noise.append(None)  # never trains: no noise needed, nothing spent
                 continue
             pairs.add((self.sample_rates[k], steps))
-            noise.append(noise_for(self.target_epsilon, self.delta, self.sample_rates[k], steps, self.accountant,
-                                   what=f"client {k} ({self.sizes[k]} samples, {int(part[k])} rounds)"))
+            noise.append(self.calibrate(self.sample_rates[k], steps,
+                                        what=f"client {k} ({self.sizes[k]} samples, {int(participation[k])} rounds)"))
         used = [s for s in noise if s is not None]
-        if used:
+        if used and self.fixed_noise is None:
             log.info("sample-level DP: target epsilon %g (delta %g, %s): noise multipliers %.3f..%.3f over %d "
                      "training clients (%d distinct sampling-rate/steps pairs)", self.target_epsilon, self.delta,
                      self.accountant, min(used), max(used), len(used), len(pairs))
@@ -242,15 +237,15 @@ class SampleDP(DPHooks):
                        expected_batch_size=expected, loss_reduction="mean", generator=gen)
 
     # -- accounting ----------------------------------------------------------------------
-    def account(self, round_idx: int, trained: Sequence[int]) -> None:
-        for k in trained:
+    def account(self, round_idx: int, returning: Sequence[int]) -> None:
+        for k in returning:
             k = int(k)
             entry = (float(self.noise[k]), self.sample_rates[k], self.steps_per_round[k])
             self.histories[k] = merge_history([*self.histories.get(k, []), entry])
             self.rounds[k] = self.rounds.get(k, 0) + 1
 
     def client_epsilon(self, k: int) -> float:
-        return epsilon_of(self.histories.get(k, ()), self.delta, self.accountant)
+        return self.epsilon_of(self.histories.get(k, ()))
 
     def epsilon(self) -> float | None:
         return max((self.client_epsilon(k) for k in self.histories), default=0.0)
@@ -264,10 +259,7 @@ class SampleDP(DPHooks):
                 "sample_rate": self.sample_rates[k], "steps": int(sum(s for _, _, s in hist)),
                 "steps_per_round": self.steps_per_round[k], "rounds": self.rounds.get(k, 0),
                 "epsilon": self.client_epsilon(k), "history": [list(e) for e in hist]}
-        return {"mode": self.mode, "accountant": self.accountant, "delta": self.delta,
-                "max_grad_norm": self.max_grad_norm, "epsilon": self.epsilon(),
-                "target_epsilon": self.target_epsilon, "noise_multiplier": self.fixed_noise,
-                "batch_size": self.batch_size, "local_epochs": self.local_epochs,
+        return {**self.report_header(), "batch_size": self.batch_size, "local_epochs": self.local_epochs,
                 "sampling": "Poisson per client: sample_rate = 1/ceil(n/batch_size), ceil(n/batch_size) steps "
                             "per local epoch; epsilon of the run = max over clients",
                 "functorch_modules": list(self.functorch_modules), "clients": clients}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fedpeft_hpc.errors import CheckpointError
-from fedpeft_hpc.runs.files import atomic_write
+from fedpeft_hpc.utils.files import atomic_write
 
 FORMAT = "fedpeft-hpc/1"
 

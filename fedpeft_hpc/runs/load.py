@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from fedpeft_hpc.config.load import load_config
 from fedpeft_hpc.config.schema import Config
+from fedpeft_hpc.data import build_datasets
 from fedpeft_hpc.errors import UserError
-from fedpeft_hpc.runs.files import read_jsonl
+from fedpeft_hpc.models import BuiltModel, build_model
+from fedpeft_hpc.peft.state import load_peft_state, peft_params
+from fedpeft_hpc.runs.checkpoint import load_checkpoint
+from fedpeft_hpc.utils.files import read_jsonl
 
 
-class Run:
+class LoadedRun:
     """A run directory: ``config``, ``model`` (backbone + latest global PEFT state, eval, CPU),
     ``test_dataset()``, ``summary`` and ``metrics``."""
 
@@ -22,42 +27,31 @@ class Run:
         self.config = config
 
     @cached_property
-    def _built(self):
-        from fedpeft_hpc.federated.client import load_flat
-        from fedpeft_hpc.federated.flat import FlatLayout
-        from fedpeft_hpc.models import build_model
-        from fedpeft_hpc.peft import peft_params
-        from fedpeft_hpc.runs.checkpoint import load_checkpoint
-
+    def _built(self) -> tuple[BuiltModel, int]:
         cfg = self.config
-        model, spec = build_model(cfg.model, cfg.peft, cfg.seed)
+        built = build_model(cfg.model, cfg.peft, cfg.seed)
         ckpt = load_checkpoint(self.path / "checkpoints" / "latest.safetensors")
-        params = peft_params(model)
-        if set(params) != set(ckpt.peft):
-            raise UserError(f"{self.path}: checkpoint tensors do not match peft.method={cfg.peft.method}")
-        layout = FlatLayout(params)
-        load_flat(params, layout, layout.flatten(ckpt.peft, torch.float32))
-        model.eval()
-        return model, spec, ckpt.round
+        try:
+            load_peft_state(peft_params(built.model), ckpt.peft)
+        except ValueError as e:
+            raise UserError(f"{self.path}: checkpoint does not fit peft.method={cfg.peft.method}: {e}") from None
+        built.model.eval()
+        return built, ckpt.round
 
     @property
     def model(self) -> nn.Module:
-        return self._built[0]
+        return self._built[0].model
 
     @property
     def round(self) -> int:
         """The round whose global state ``model`` carries."""
-        return self._built[2]
+        return self._built[1]
 
     def test_dataset(self):
-        from fedpeft_hpc.data import build_datasets
-
-        return build_datasets(self.config.data, self._built[1], self.config.seed).test
+        return build_datasets(self.config.data, self._built[0].image, self.config.seed).test
 
     @property
     def summary(self) -> dict | None:
-        import json
-
         p = self.path / "summary.json"
         return json.loads(p.read_text()) if p.is_file() else None
 
@@ -66,12 +60,10 @@ class Run:
         return read_jsonl(self.path / "metrics.jsonl")
 
 
-def load_run(path: str | Path) -> Run:
-    from fedpeft_hpc.config import load_config
-
+def load_run(path: str | Path) -> LoadedRun:
     path = Path(path)
     if not (path / "config.yaml").is_file():
         raise UserError(f"{path} is not a run directory (no config.yaml)")
     if not (path / "checkpoints" / "latest.safetensors").is_file():
         raise UserError(f"{path} has no checkpoints/latest.safetensors yet")
-    return Run(path, load_config(path / "config.yaml"))
+    return LoadedRun(path, load_config(path / "config.yaml"))

@@ -10,24 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedpeft_hpc.config.load import dump_yaml, to_dict
+from fedpeft_hpc.config.load import dotted, dump_yaml, to_dict
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.errors import ConfigError, UserError
 from fedpeft_hpc.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedpeft_hpc.runs.files import atomic_write_json, atomic_write_text, read_jsonl
+from fedpeft_hpc.utils.files import atomic_write_json, atomic_write_text, read_jsonl
 
 # Keys that may differ between the saved and the resumed config.
 _RESUME_FREE = ("run.", "comm.", "data.num_workers", "data.root", "model.checkpoint")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 class RunDir:
@@ -73,10 +63,10 @@ class RunDir:
         if not self.config_path.is_file():
             return
         try:
-            old = _flat(yaml.safe_load(self.config_path.read_text()) or {})
+            old = dotted(yaml.safe_load(self.config_path.read_text()) or {})
         except yaml.YAMLError:
             raise UserError(f"{self.config_path} is not valid YAML; cannot check the resumed run") from None
-        new = _flat(to_dict(cfg))
+        new = dotted(to_dict(cfg))
         diff = sorted(k for k in set(old) | set(new)
                       if not k.startswith(_RESUME_FREE) and old.get(k) != new.get(k))
         if diff:
@@ -84,13 +74,11 @@ class RunDir:
             raise ConfigError(diff[0], f"{self.path} holds a run with a different config ({shown}); "
                                        "choose a new run.dir or use the same config to resume")
 
-    # -- writing ---------------------------------------------------------------------------
-    def append_metrics(self, row: dict) -> None:
-        if self.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
+    def log_path(self, rank: int) -> Path:
+        """``train.log`` for rank 0, ``train.rank<N>.log`` for the others."""
+        return self.path / ("train.log" if rank == 0 else f"train.rank{rank}.log")
 
+    # -- writing ---------------------------------------------------------------------------
     def write_json(self, name: str, obj) -> None:
         if self.is_main:
             atomic_write_json(self.path / name, obj)

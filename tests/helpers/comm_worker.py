@@ -68,15 +68,12 @@ def main() -> int:
 
         buf = torch.arange(a.numel, dtype=torch.float64) * (rank + 1) + rank
         out = comm.allreduce_sum_(buf)
-        bcast = comm.broadcast_object({"from": rank, "msg": "hello"}, src=0)
-        gathered = comm.allgather_object(rank * 10)
         res = {
             "rank": rank, "world_size": w, "launcher": rt.world.launcher, "backend": rt.backend,
             "local_rank": rt.world.local_rank, "local_world_size": rt.world.local_world_size,
             "same_object": out is buf, "result": buf.tolist(), "threads": torch.get_num_threads(),
             "calls": comm.call_count("aggregate"), "last": comm.last["aggregate"].as_dict(),
             "totals": {k: v.as_dict() for k, v in comm.totals.items()},
-            "broadcast": bcast, "allgather": gathered,
         }
     # after close(): the process group is gone and a second close is harmless
     rt.close()

@@ -1,0 +1,51 @@
+"""What both DP modes share: the ``privacy.*`` settings, noise calibration and its warnings,
+and the header of ``privacy.json``.
+
+``DPMechanism`` is the base of ``SampleDP`` (DP-SGD on each client) and ``ClientDP`` (client-level
+DP on the aggregate). Subclasses say which sampling rate and how many steps a noise level must
+cover; calibration (``noise_multiplier`` given, zero, or derived from ``target_epsilon``) is
+done here, once, for both.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fedpeft_hpc.config.schema import PrivacyConfig
+from fedpeft_hpc.privacy.accounting import epsilon_of, noise_for
+from fedpeft_hpc.privacy.base import PrivacyMechanism
+
+log = logging.getLogger(__name__)
+
+
+class DPMechanism(PrivacyMechanism):
+    """Base of the DP modes: reads ``privacy.*`` and calibrates noise (no hooks of its own)."""
+
+    #: what the clipping bounds in this mode ("per-sample clipping", "update clipping")
+    clipping = ""
+
+    def __init__(self, cfg: PrivacyConfig, seed: int):
+        self.accountant = cfg.accountant
+        self.delta = float(cfg.delta)
+        self.max_grad_norm = float(cfg.max_grad_norm)
+        self.target_epsilon = cfg.target_epsilon
+        self.fixed_noise = cfg.noise_multiplier
+        self.seed = int(seed)
+        if self.fixed_noise is not None and float(self.fixed_noise) == 0.0:
+            log.warning("privacy.noise_multiplier=0: %s only, no privacy (epsilon = inf)", self.clipping)
+
+    def calibrate(self, sample_rate: float, steps: int, what: str) -> float:
+        """The noise multiplier for ``steps`` steps at ``sample_rate``: the configured one, or the
+        smallest that spends at most ``privacy.target_epsilon`` (a ``ConfigError`` if none can)."""
+        if self.fixed_noise is not None:
+            return float(self.fixed_noise)
+        return noise_for(self.target_epsilon, self.delta, sample_rate, steps, self.accountant, what=what)
+
+    def epsilon_of(self, history) -> float:
+        return epsilon_of(history, self.delta, self.accountant)
+
+    def report_header(self) -> dict:
+        """The fields every DP report starts with."""
+        return {"mode": self.mode, "accountant": self.accountant, "delta": self.delta,
+                "max_grad_norm": self.max_grad_norm, "epsilon": self.epsilon(),
+                "target_epsilon": self.target_epsilon, "noise_multiplier": self.fixed_noise}
