@@ -197,3 +197,16 @@ def test_full_ft_comparison_counts_the_backbone_without_peft_modules(tmp_path):
     transfers = row["sampled"] + row["clients"] + row["rejected"]
     assert summary["full_ft_bytes_total"] == transfers * full["bytes_per_transfer"]
     assert method_counts(cfg)["total_params"] > full["total_params"]  # the adapters are not counted
+
+
+def test_tensorboard_scalars_mirror_the_metrics(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, "r", "run.tensorboard=true", "peft.method=head")
+    rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("fedpeft/test_acc")
+    assert [e.step for e in events] == [r["round"] for r in rows]
+    assert [e.value for e in events] == pytest.approx([r["test_acc"] for r in rows])
+    assert "fedpeft/bytes_up_total" in acc.Tags()["scalars"]
