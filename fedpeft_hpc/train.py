@@ -1,8 +1,8 @@
 """The thin training entry point: process layout + trainer, torn down in ``finally``.
 
-Logging is the caller's (the CLI sets it up); while the run lasts, this process's log records
-also go to the run directory (``train.log`` on rank 0, ``train.rank<N>.log`` on others, which
-get warnings and errors only), across resumes.
+Logging is the caller's (the CLI sets it up); from the moment the run directory is opened until
+the run ends, this process's log records also go to it (``train.log`` on rank 0,
+``train.rank<N>.log`` on others, which get warnings and errors only), across resumes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from fedpeft_hpc.comm.runtime import Runtime
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.errors import UserError
 from fedpeft_hpc.federated.engine import FederatedTrainer
-from fedpeft_hpc.utils.logs import log_to_file
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +29,11 @@ def train(cfg: Config) -> dict | None:
             log.info("rank %d/%d (%s) on %s, backend %s", world.rank, world.world_size, world.launcher,
                      rt.device, rt.backend)
         try:
-            trainer = FederatedTrainer(cfg, rt.comm)
-            detach = log_to_file(trainer.rundir.log_path(world.rank), world.rank, world.world_size)
+            trainer = FederatedTrainer(cfg, rt.comm)  # from here on the log also goes to run.dir
             try:
                 summary = trainer.fit()
             finally:
-                detach()
+                trainer.close()
         except UserError:
             raise
         except Exception as e:

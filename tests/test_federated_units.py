@@ -90,7 +90,7 @@ def test_server_optimizers(name):
         opt.step(x, d)  # v = d, then 0.9 d + d
         assert torch.allclose(x, 0.5 * d + 0.5 * 1.9 * d)
     if name == "fedadam":
-        m, v = 0.1 * d, 0.01 * d * d
+        m, v = 0.1 * d, 0.99 * cfg.eps ** 2 + 0.01 * d * d  # v_0 = tau^2 (Reddi et al., Algorithm 2)
         assert torch.allclose(x, 0.5 * m / (v.sqrt() + cfg.eps))
     # exact resume of the optimizer state
     clone = build_server_optimizer(cfg, 3, torch.device("cpu"))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from fedpeft_hpc.config import load_config
 from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.sampling import Schedule
+from fedpeft_hpc.privacy.noise import NoiseKey, fresh_secret
 from fedpeft_hpc.utils.files import read_jsonl
 from tests.conftest import QUICKSTART, run_cli, tiny_overrides
 
@@ -57,9 +58,11 @@ def sample_dp(method: str, *extra: str, n: int = 60):
     from fedpeft_hpc.privacy.sample_dp import SampleDP
 
     cfg = small_cfg(f"peft.method={method}", "privacy.mode=sample", f"privacy.max_grad_norm={C_SMALL}",
-                    "optim.momentum=0", "optim.weight_decay=0", *extra)
-    return cfg, SampleDP(cfg.privacy, cfg.fed, cfg.data, client_sizes=[n], schedule=Schedule(0, 1, 1, 0.0), seed=0,
-                          device="cpu")
+                    "optim.momentum=0", "optim.weight_decay=0", "privacy.seeded_noise=true", *extra)
+    dp = SampleDP(cfg.privacy, cfg.fed, cfg.data, client_sizes=[n], schedule=Schedule(0, 1, 1, 0.0), seed=0,
+                  device="cpu")
+    dp.use_noise(NoiseKey.seeded(0))
+    return cfg, dp
 
 
 def reference_per_sample_grads(model, params, x, y):
@@ -224,7 +227,7 @@ def test_sample_dp_run_reports_the_epsilon_it_spent(tmp_path):
     d = tmp_path / "s"
     cfg = load_config(QUICKSTART, tiny_overrides(d, "peft.method=prompt", "privacy.mode=sample", "fed.rounds=3",
                                                  "privacy.target_epsilon=3", "privacy.delta=1e-3",
-                                                 "run.keep_checkpoints=3"))
+                                                 "run.keep_checkpoints=3", "privacy.seeded_noise=true"))
     summary = train(cfg)
     rep = json.loads((d / "privacy.json").read_text())
     rows = read_jsonl(d / "metrics.jsonl")
@@ -258,23 +261,54 @@ def test_sample_dp_run_reports_the_epsilon_it_spent(tmp_path):
     assert all(torch.equal(final.peft[k], again.peft[k]) for k in final.peft)
 
 
-def test_client_dp_run_reports_the_epsilon_it_spent(tmp_path):
+@pytest.mark.parametrize("sampling", ["poisson", "fixed"])
+def test_client_dp_run_reports_the_epsilon_it_spent(tmp_path, sampling):
+    """Recomputed with a fresh accountant: Poisson cohorts are one subsampled-Gaussian step per round
+    with the noise multiplier actually used; fixed-size cohorts have sensitivity 2C (replace one
+    client), so the accountant must see half that noise multiplier."""
     from fedpeft_hpc.train import train
 
     d = tmp_path / "c"
     cfg = load_config(QUICKSTART, tiny_overrides(d, "peft.method=bias", "privacy.mode=client",
-                                                 "privacy.target_epsilon=20", "privacy.accountant=prv"))
+                                                 "privacy.target_epsilon=20", "privacy.accountant=prv",
+                                                 f"fed.sampling={sampling}"))
     summary = train(cfg)
     rep = json.loads((d / "privacy.json").read_text())
     rows = read_jsonl(d / "metrics.jsonl")
     q = cfg.fed.clients_per_round / cfg.fed.num_clients
     assert rep["sample_rate"] == q and rep["steps"] == cfg.fed.rounds == 2
-    assert "without replacement" in rep["sampling"]
-    e = fresh_epsilon("prv", [(rep["noise_multiplier"], q, 2)], cfg.privacy.delta)
+    assert rep["cohort_sampling"] == sampling
+    sigma = rep["noise_multiplier"]  # noise std / C actually added
+    accounted = sigma if sampling == "poisson" else sigma / 2
+    assert rep["sampling"].startswith("Poisson cohorts" if sampling == "poisson" else "fixed-size cohorts")
+    assert rep["sensitivity"] == ("C" if sampling == "poisson" else "2C")
+    e = fresh_epsilon("prv", [(accounted, q, 2)], cfg.privacy.delta)
     assert rows[-1]["epsilon"] == summary["epsilon"] == rep["epsilon"] == pytest.approx(e, rel=1e-9)
     assert 0.95 * 20 <= rep["epsilon"] <= 20
-    e1 = fresh_epsilon("prv", [(rep["noise_multiplier"], q, 1)], cfg.privacy.delta)
+    e1 = fresh_epsilon("prv", [(accounted, q, 1)], cfg.privacy.delta)
     assert rows[0]["epsilon"] == pytest.approx(e1, rel=1e-9)
+    if sampling == "poisson":  # cohorts of random size, drawn per round
+        assert all(r["sampled"] == len(Schedule(cfg.seed, 8, 4, 0.0, "poisson").cohort(r["round"])) for r in rows)
+
+
+def test_fixed_cohorts_need_twice_the_noise_of_poisson_ones_for_the_same_epsilon():
+    from fedpeft_hpc.privacy.client_dp import ClientDP
+
+    cfg = load_config(QUICKSTART, ["privacy.mode=client", "privacy.target_epsilon=8", "fed.num_clients=10",
+                                   "fed.clients_per_round=4", "fed.rounds=5"])
+    poisson = ClientDP(cfg.privacy, cfg.fed, seed=0, sampling="poisson")
+    fixed = ClientDP(cfg.privacy, cfg.fed, seed=0, sampling="fixed")
+    assert fixed.noise_multiplier == pytest.approx(2 * poisson.noise_multiplier, rel=1e-12)
+
+
+def test_poisson_cohorts_draw_each_client_with_probability_q():
+    s = Schedule(3, 50, 10, 0.0, "poisson")
+    sizes = [len(s.cohort(r)) for r in range(1, 401)]
+    assert len(set(sizes)) > 5  # the size varies
+    assert abs(np.mean(sizes) - 10) < 0.6  # E = q N = 10
+    counts = np.bincount(np.concatenate([s.cohort(r) for r in range(1, 401)]), minlength=50)
+    assert counts.min() > 40 and counts.max() < 130  # each client about 400 * 0.2 = 80 times
+    assert s.cohort(7) == Schedule(3, 50, 10, 0.0, "poisson").cohort(7)  # a pure function of (seed, round)
 
 
 # -- client-level DP units ---------------------------------------------------------------------
@@ -282,8 +316,10 @@ def client_dp(*extra: str):
     from fedpeft_hpc.privacy.client_dp import ClientDP
 
     cfg = load_config(QUICKSTART, ["privacy.mode=client", "privacy.max_grad_norm=0.5", "fed.num_clients=10",
-                                   "fed.clients_per_round=4", *extra])
-    return ClientDP(cfg.privacy, cfg.fed, seed=7)
+                                   "fed.clients_per_round=4", "privacy.seeded_noise=true", *extra])
+    dp = ClientDP(cfg.privacy, cfg.fed, seed=7, sampling="poisson")
+    dp.use_noise(NoiseKey.seeded(7))
+    return dp
 
 
 def test_client_dp_clips_each_update_and_weighs_it_one():
@@ -343,7 +379,8 @@ def test_dp_runs_are_identical_on_one_and_two_ranks(tmp_path, mode):
     from fedpeft_hpc.train import train
     from tests.conftest import REPO, subprocess_env
 
-    args = ["train", str(QUICKSTART), f"privacy.mode={mode}", "privacy.noise_multiplier=0.7"]
+    args = ["train", str(QUICKSTART), f"privacy.mode={mode}", "privacy.noise_multiplier=0.7",
+            "privacy.seeded_noise=true"]
     train(load_config(QUICKSTART, [*args[2:], *tiny_overrides(tmp_path / "one")]))  # one process, in this one
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "fedpeft_hpc", *args, *tiny_overrides(tmp_path / "two")], capture_output=True,
@@ -354,3 +391,50 @@ def test_dp_runs_are_identical_on_one_and_two_ranks(tmp_path, mode):
     assert all(torch.equal(a[k], b[k]) for k in a)
     pa, pb = (json.loads((tmp_path / d / "privacy.json").read_text()) for d in ("one", "two"))
     assert pa == pb and pa["epsilon"] > 0
+
+
+# -- noise nobody can regenerate ----------------------------------------------------------------
+def test_secret_noise_cannot_be_regenerated_from_the_seed():
+    from fedpeft_hpc.privacy.client_dp import ClientDP
+
+    cfg = load_config(QUICKSTART, ["privacy.mode=client", "privacy.noise_multiplier=1.0"])
+    assert cfg.privacy.seeded_noise is False  # the default
+    draws = []
+    for _ in range(2):
+        dp = ClientDP(cfg.privacy, cfg.fed, seed=cfg.seed, sampling="poisson")
+        dp.use_noise(NoiseKey.from_secret(fresh_secret()))
+        draws.append(dp.noise(1000, round_idx=1))
+    seeded = load_config(QUICKSTART, ["privacy.mode=client", "privacy.noise_multiplier=1.0",
+                                      "privacy.seeded_noise=true"])
+    dp = ClientDP(seeded.privacy, seeded.fed, seed=cfg.seed, sampling="poisson")
+    dp.use_noise(NoiseKey.seeded(cfg.seed))
+    from_seed = dp.noise(1000, round_idx=1)
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], from_seed)
+    assert float(draws[0].std()) == pytest.approx(1.0 * cfg.privacy.max_grad_norm, rel=0.1)  # still N(0, (sigma C)^2)
+    with pytest.raises(ValueError):
+        dp.use_noise(NoiseKey.from_secret(fresh_secret()))  # a secret where the config asked for the seed
+
+
+@pytest.mark.parametrize("mode", ["client", "sample"])
+def test_dp_runs_use_secret_noise_by_default_and_say_which_noise(tmp_path, mode):
+    from fedpeft_hpc.train import train
+
+    def go(name, *extra):
+        cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / name, "peft.method=bias", f"privacy.mode={mode}",
+                                                     "privacy.noise_multiplier=1.0", "fed.rounds=1", *extra))
+        summary = train(cfg)
+        from fedpeft_hpc.runs.checkpoint import load_checkpoint
+
+        state = load_checkpoint(tmp_path / name / "checkpoints" / "latest.safetensors").peft
+        return summary, json.loads((tmp_path / name / "privacy.json").read_text()), state
+
+    s1, p1, a = go("secret1")
+    s2, _, b = go("secret2")
+    assert s1["seeded_noise"] is False and p1["seeded_noise"] is False and "secret" in p1["noise_source"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the same config and seed, other noise
+    s3, p3, c = go("seeded1", "privacy.seeded_noise=true")
+    _, _, d = go("seeded2", "privacy.seeded_noise=true")
+    assert s3["seeded_noise"] is True and p3["seeded_noise"] is True
+    assert all(torch.equal(c[k], d[k]) for k in c)
+    assert "privacy.seeded_noise=true" in (tmp_path / "seeded1" / "train.log").read_text()
+    assert "epsilon_covers" in p1 and "train_loss" in p1["epsilon_covers"]

@@ -43,7 +43,8 @@ class ModelConfig:
     name: str = opt("vit_base_patch16_224", "a timm model name")
     num_classes: int = opt(100, "classes of the new head", min=1)
     pretrained: bool = opt(False, "load pre-trained weights (from model.checkpoint, else timm's own source)")
-    checkpoint: Optional[str] = opt(None, "local weights file (.safetensors, .pth, .npz) for offline nodes")
+    checkpoint: Optional[str] = opt(None, "local weights file (.safetensors, .pth, .npz) for offline nodes "
+                                          "(~ and $VARS are expanded)")
     pretrain_recipe: Optional[str] = opt(
         None, "build model.checkpoint with a built-in pre-training recipe when it does not exist yet",
         choices=(None, "digits"))
@@ -68,7 +69,7 @@ class PeftConfig:
 @dataclass
 class DataConfig:
     name: str = opt("synthetic", "a registered dataset")
-    root: str = opt("data", "where the dataset lives")
+    root: str = opt("data", "where the dataset lives (~ and $VARS are expanded)")
     download: bool = opt(False, "allow torchvision to download cifar10/cifar100 into data.root")
     partition: str = opt("dirichlet", "how training data is split over clients", choices=("iid", "dirichlet"))
     alpha: float = opt(0.1, "Dirichlet concentration (smaller: more non-IID)", min=0.0, min_exclusive=True)
@@ -95,6 +96,10 @@ class FedConfig:
     max_update_norm: Optional[float] = opt(None, "reject updates whose L2 norm exceeds this", min=0.0,
                                            min_exclusive=True)
     client_batch: str = opt("off", "clients trained at once per rank: off, auto, or a number")
+    sampling: str = opt("auto", "how cohorts are drawn: fixed (exactly clients_per_round, without replacement), "
+                                "poisson (each client independently with probability clients_per_round / "
+                                "num_clients), auto (poisson with privacy.mode=client, else fixed)",
+                        choices=("auto", "fixed", "poisson"))
 
 
 @dataclass
@@ -110,7 +115,8 @@ class OptimConfig:
 @dataclass
 class ServerConfig:
     optimizer: str = opt("fedavg", "server update rule", choices=("fedavg", "fedavgm", "fedadam"))
-    lr: float = opt(1.0, "server learning rate", min=0.0, min_exclusive=True)
+    lr: Optional[float] = opt(None, "server learning rate (default: 1.0 for fedavg and fedavgm, 0.01 for fedadam)",
+                              min=0.0, min_exclusive=True)
     momentum: float = opt(0.9, "FedAvgM momentum", min=0.0, max=1.0)
     beta1: float = opt(0.9, "FedAdam beta1", min=0.0, max=1.0)
     beta2: float = opt(0.99, "FedAdam beta2", min=0.0, max=1.0)
@@ -133,6 +139,10 @@ class PrivacyConfig:
     max_grad_norm: float = opt(1.0, "clipping norm (per sample, or per client update)", min=0.0,
                                min_exclusive=True)
     accountant: str = opt("rdp", "privacy accountant", choices=("rdp", "prv"))
+    seeded_noise: bool = opt(False, "false: DP noise from a secret drawn at start that nothing written can "
+                                    "regenerate; true: noise derived from the seed, repeatable, for simulation "
+                                    "studies only (the epsilon then holds only against whoever does not know "
+                                    "the seed)")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, Subset
 from fedpeft_hpc.config.schema import DataConfig
 from fedpeft_hpc.data.transforms import ImageSpec, eval_transform, tensor_to_spec
 from fedpeft_hpc.errors import ConfigError, DataError
+from fedpeft_hpc.utils.files import expand_path
 from fedpeft_hpc.utils.hints import did_you_mean
 from fedpeft_hpc.utils.streams import FIXED_SPLIT_SEED, SUBSAMPLE, SYNTHETIC_DATA, rng
 
@@ -165,7 +166,7 @@ def _cifar(cfg: DataConfig, spec: ImageSpec, name: str) -> DataBundle:
 
     cls, folder, k = ((tvd.CIFAR10, "cifar-10-batches-py", 10) if name == "cifar10"
                       else (tvd.CIFAR100, "cifar-100-python", 100))
-    root = Path(cfg.root).expanduser()
+    root = expand_path(cfg.root)
     tf = eval_transform(spec)
     try:
         train = cls(root=str(root), train=True, download=cfg.download, transform=tf)
@@ -217,7 +218,7 @@ def _stratified_split(targets: np.ndarray, test_fraction: float) -> tuple[np.nda
 
 @register_dataset("imagefolder")
 def _imagefolder(cfg: DataConfig, spec: ImageSpec, seed: int) -> DataBundle:
-    root = Path(cfg.root).expanduser()
+    root = expand_path(cfg.root)
     if not root.is_dir():
         raise DataError(f"data.root={str(root)!r} is not a directory; expected layout {_LAYOUT}")
     tf = eval_transform(spec)

@@ -35,11 +35,33 @@ def make_optimizer(params: Iterable[torch.Tensor], cfg: OptimConfig) -> torch.op
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
+def train_mode(model: nn.Module) -> None:
+    """Training mode for local training, with the backbone's statistics frozen: BatchNorm layers
+    stay in eval mode (their running statistics belong to the shared frozen backbone; updating
+    them would make the model depend on which clients a rank trained). Dropout and drop-path stay
+    active, drawn from the client's own seeded stream (``local_train``)."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def local_train(model: nn.Module, params: Mapping[str, nn.Parameter], layout: FlatLayout,
                 start: torch.Tensor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                optimizer: torch.optim.Optimizer, device: torch.device) -> LocalResult:
+                optimizer: torch.optim.Optimizer, device: torch.device, layers_seed: int = 0) -> LocalResult:
+    """Train from ``start``; stochastic layers (dropout, drop-path) draw from ``layers_seed`` only,
+    never from the global random state (which is restored afterwards)."""
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(layers_seed)
+        return _train(model, params, layout, start, batches, optimizer, device)
+
+
+def _train(model: nn.Module, params: Mapping[str, nn.Parameter], layout: FlatLayout, start: torch.Tensor,
+           batches: Iterable[tuple[torch.Tensor, torch.Tensor]], optimizer: torch.optim.Optimizer,
+           device: torch.device) -> LocalResult:
     load_vector(params, layout, start)
-    model.train()
+    train_mode(model)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = steps = 0

@@ -24,18 +24,22 @@ from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.data import DataBundle, build_datasets, make_partition, partition_stats, save_partition
 from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.aggregate import RoundBuffer, RoundStats, update_is_valid
+from fedpeft_hpc.federated.agreement import (backbone_fingerprint, check_agreement, check_resume, config_fingerprint,
+                                             data_fingerprint, partition_fingerprint, state_fingerprint)
 from fedpeft_hpc.federated.client import local_train, make_optimizer
 from fedpeft_hpc.federated.evaluate import evaluate_shard
 from fedpeft_hpc.federated.ledger import ByteLedger
-from fedpeft_hpc.federated.sampling import Schedule, assign_to_ranks
+from fedpeft_hpc.federated.sampling import Schedule, assign_to_ranks, cohort_sampling
 from fedpeft_hpc.federated.server_opt import build_server_optimizer
 from fedpeft_hpc.models import BuiltModel, build_model
 from fedpeft_hpc.peft import FlatLayout, count_params, load_vector, peft_params
 from fedpeft_hpc.privacy import PrivacyMechanism, build_privacy
+from fedpeft_hpc.privacy.noise import SECRET_WORDS, NoiseKey, fresh_secret, secret_as_words, words_as_secret
 from fedpeft_hpc.runs.checkpoint import Checkpoint
 from fedpeft_hpc.runs.rundir import RunDir
 from fedpeft_hpc.runs.sinks import JsonlSink, MetricsSinks, TensorBoardSink
-from fedpeft_hpc.utils.streams import CLIENT_DATA, torch_generator
+from fedpeft_hpc.utils.logs import log_to_file
+from fedpeft_hpc.utils.streams import CLIENT_DATA, CLIENT_LAYERS, derived_seed, torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,8 @@ def build_federation(cfg: Config, device: torch.device) -> Federation:
                                                f"{data.num_classes} classes of data.name={cfg.data.name}")
     client_indices = make_partition(cfg.data, data.train_targets, cfg.fed.num_clients, cfg.seed)
     sizes = np.array([len(p) for p in client_indices], dtype=np.int64)
-    schedule = Schedule(cfg.seed, cfg.fed.num_clients, cfg.fed.clients_per_round, cfg.fed.dropout)
+    schedule = Schedule(cfg.seed, cfg.fed.num_clients, cfg.fed.clients_per_round, cfg.fed.dropout,
+                        cohort_sampling(cfg.fed.sampling, cfg.privacy.mode))
     privacy = build_privacy(cfg, client_sizes=sizes, schedule=schedule, device=device)
     return Federation(built=built, counts=count_params(built.model), data=data, client_indices=client_indices,
                       sizes=sizes, schedule=schedule, privacy=privacy)
@@ -106,16 +111,14 @@ class FederatedTrainer:
         self.comm = comm
         self.fed = federation if federation is not None else build_federation(cfg, comm.device)
         self.rundir = RunDir(cfg.run.dir, is_main=comm.is_main)
-        resume = self.rundir.open(cfg)  # only now that model, data and privacy are known to be fine
-        if comm.is_main and not cfg.data.partition_file:
-            save_partition(self.rundir.path / "partition.json", self.fed.client_indices,
-                           {"seed": cfg.seed, "partition": cfg.data.partition, "alpha": cfg.data.alpha,
-                            "dataset": cfg.data.name})
+        resume = self.rundir.resume_point(cfg)
+        self.fingerprints = {"backbone": backbone_fingerprint(self.fed.built.model),
+                             "data": data_fingerprint(self.fed.data.train_targets, self.fed.data.train,
+                                                      self.fed.data.test)}
         self.model = self.fed.built.model.to(comm.device)
         self.params = peft_params(self.model)
         self.layout = FlatLayout(self.params)
         self.global_vec = self.layout.flatten(self.params, torch.float32)
-        self.train_model = self.fed.privacy.wrap_model(self.model)
         self.server_opt = build_server_optimizer(cfg.server, self.layout.size, comm.device)
         self.ledger = ByteLedger(self.fed.counts["bytes_per_transfer"], self.fed.built.full_bytes_per_transfer)
         self.start_round = 1
@@ -123,6 +126,29 @@ class FederatedTrainer:
         self.last_acc: float | None = None
         if resume is not None:
             self._restore(resume)
+        # every rank must start from the same place: checked before anything is written
+        check_agreement(comm, {**self.fingerprints, "config": config_fingerprint(cfg),
+                               "start_round": self.start_round, "global_state": state_fingerprint(self.global_vec),
+                               "partition": partition_fingerprint(self.fed.client_indices)})
+        noise_key = self._noise_key()
+        self.train_model = self.fed.privacy.wrap_model(self.model)  # may still refuse the model
+        self.rundir.start(cfg, resume)
+        # from here on this process's log also goes to the run directory (until fit() ends or close())
+        self._detach_log = log_to_file(self.rundir.log_path(comm.rank), comm.rank, comm.world_size)
+        self.fed.privacy.use_noise(noise_key)
+        if comm.is_main and not cfg.data.partition_file:
+            save_partition(self.rundir.path / "partition.json", self.fed.client_indices,
+                           {"seed": cfg.seed, "partition": cfg.data.partition, "alpha": cfg.data.alpha,
+                            "dataset": cfg.data.name})
+
+    def _noise_key(self) -> NoiseKey:
+        """The seed (``privacy.seeded_noise``), or a secret from rank 0 that every rank holds in memory."""
+        if self.cfg.privacy.seeded_noise or self.cfg.privacy.mode == "none":
+            return NoiseKey.seeded(self.cfg.seed)
+        words = secret_as_words(fresh_secret()) if self.comm.is_main else torch.zeros(SECRET_WORDS,
+                                                                                    dtype=torch.int64)
+        self.comm.allreduce_sum_(words, tag="noise_key")  # rank 0's words plus zeros
+        return NoiseKey.from_secret(words_as_secret(words))
 
     # -- state ---------------------------------------------------------------------------
     def _checkpoint(self, round_idx: int) -> Checkpoint:
@@ -130,13 +156,15 @@ class FederatedTrainer:
             round=round_idx, peft=dict(self.layout.unflatten(self.global_vec)),
             server=self.server_opt.state_dict(),
             state={"ledger": self.ledger.state_dict(), "best_acc": self.best_acc, "last_acc": self.last_acc,
-                   "server_steps": self.server_opt.steps, "privacy": self.fed.privacy.state_dict()})
+                   "server_steps": self.server_opt.steps, "privacy": self.fed.privacy.state_dict(),
+                   "fingerprints": {k: f"{v:016x}" for k, v in self.fingerprints.items()}})
 
     def _restore(self, ckpt: Checkpoint) -> None:
         diff = self.layout.mismatch(ckpt.peft)
         if diff:
             raise ConfigError("run.dir", f"checkpoint does not match peft.method={self.cfg.peft.method}: "
                                          f"differs in {diff[:4]}")
+        check_resume(ckpt.state.get("fingerprints", {}), self.fingerprints)
         self.global_vec.copy_(self.layout.flatten(ckpt.peft, torch.float32).to(self.comm.device))
         self.server_opt.load_state_dict(ckpt.server, ckpt.state.get("server_steps", 0))
         self.ledger.load_state_dict(ckpt.state["ledger"])
@@ -157,7 +185,8 @@ class FederatedTrainer:
                                                  cfg.fed.local_epochs, gen, cfg.data.num_workers)
             opt = make_optimizer(self.params.values(), cfg.optim)
             opt = fed.privacy.wrap_optimizer(opt, client, round_idx, n)
-            res = local_train(self.train_model, self.params, self.layout, self.global_vec, batches, opt, device)
+            res = local_train(self.train_model, self.params, self.layout, self.global_vec, batches, opt, device,
+                              layers_seed=derived_seed(cfg.seed, CLIENT_LAYERS, round_idx, client))
             vec, weight = fed.privacy.client_update(res.delta, n)
             if update_is_valid(vec, cfg.fed.max_update_norm):
                 buf.add(vec, weight, res.loss_sum, res.seen, res.correct)
@@ -222,6 +251,12 @@ class FederatedTrainer:
             sinks.append(TensorBoardSink(self.rundir.path / "tensorboard"))
         return MetricsSinks(sinks)
 
+    def close(self) -> None:
+        """Stop writing this process's log to the run directory. Safe to call twice."""
+        if self._detach_log is not None:
+            self._detach_log()
+            self._detach_log = None
+
     def fit(self) -> dict:
         """Train rounds ``start_round..fed.rounds``, checkpointing as configured; returns the summary."""
         cfg, fed = self.cfg, self.fed
@@ -247,13 +282,14 @@ class FederatedTrainer:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_postfix(row, self.last_acc))
+            summary = self.summary()
+            self.rundir.write_summary(summary)
+            self.rundir.write_json("privacy.json", fed.privacy.report())
         finally:
             sinks.close()
             if bar is not None:
                 bar.close()
-        summary = self.summary()
-        self.rundir.write_summary(summary)
-        self.rundir.write_json("privacy.json", fed.privacy.report())
+            self.close()
         return summary
 
     def summary(self) -> dict:
@@ -266,6 +302,8 @@ class FederatedTrainer:
              "bytes_total": self.ledger.bytes_total, "full_ft_bytes_total": self.ledger.full_ft_bytes_total,
              "world_size": self.comm.world_size, "seed": self.cfg.seed}
         s.update(self._privacy_fields())
+        if self.cfg.privacy.mode != "none":
+            s["seeded_noise"] = self.cfg.privacy.seeded_noise
         return s
 
     def _privacy_fields(self) -> dict:

@@ -11,13 +11,30 @@ from typing import Sequence
 
 import numpy as np
 
-from fedpeft_hpc.utils.streams import COHORT, DROPOUT, rng
+from fedpeft_hpc.utils.streams import COHORT, DROPOUT, POISSON_COHORT, rng
+
+SAMPLINGS = ("fixed", "poisson")
+
+
+def cohort_sampling(sampling: str, privacy_mode: str) -> str:
+    """``fed.sampling`` with ``auto`` resolved: Poisson under client-level DP (what its accountant
+    analyses, as in DP-FedAvg), fixed-size cohorts otherwise."""
+    if sampling == "auto":
+        return "poisson" if privacy_mode == "client" else "fixed"
+    return sampling
 
 
 def sample_cohort(seed: int, round_idx: int, num_clients: int, clients_per_round: int) -> np.ndarray:
-    """Clients of this round: uniform without replacement, sorted ids."""
+    """Clients of this round: exactly ``clients_per_round``, uniform without replacement, sorted ids."""
     picked = rng(seed, COHORT, round_idx).choice(num_clients, size=clients_per_round, replace=False)
     return np.sort(picked)
+
+
+def poisson_cohort(seed: int, round_idx: int, num_clients: int, clients_per_round: int) -> np.ndarray:
+    """Clients of this round: each independently with probability ``clients_per_round / num_clients``
+    (the cohort size varies, may be 0), sorted ids."""
+    q = clients_per_round / num_clients
+    return np.flatnonzero(rng(seed, POISSON_COHORT, round_idx).random(num_clients) < q)
 
 
 def dropped(seed: int, round_idx: int, client: int, p: float) -> bool:
@@ -46,14 +63,19 @@ def assign_to_ranks(clients: Sequence[int], sizes: Sequence[int], world_size: in
 class Schedule:
     """Who is sampled and who returns, round by round: a pure function of the seed."""
 
-    def __init__(self, seed: int, num_clients: int, clients_per_round: int, dropout: float):
+    def __init__(self, seed: int, num_clients: int, clients_per_round: int, dropout: float,
+                 sampling: str = "fixed"):
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling {sampling!r} is not one of {SAMPLINGS}")
         self.seed = seed
         self.num_clients = num_clients
         self.clients_per_round = clients_per_round
         self.dropout = dropout
+        self.sampling = sampling
 
     def cohort(self, round_idx: int) -> list[int]:
-        return [int(c) for c in sample_cohort(self.seed, round_idx, self.num_clients, self.clients_per_round)]
+        draw = poisson_cohort if self.sampling == "poisson" else sample_cohort
+        return [int(c) for c in draw(self.seed, round_idx, self.num_clients, self.clients_per_round)]
 
     def dropped(self, round_idx: int) -> list[int]:
         return [c for c in self.cohort(round_idx) if dropped(self.seed, round_idx, c, self.dropout)]

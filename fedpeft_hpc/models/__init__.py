@@ -42,7 +42,7 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, seed: int, load_we
             raise
         except ValueError as e:
             raise ConfigError("peft.method", str(e)) from None
-    return BuiltModel(model=model, image=image_spec(model), full_bytes_per_transfer=full_bytes)
+    return BuiltModel(model=model, image=image_spec(model, model_cfg.img_size), full_bytes_per_transfer=full_bytes)
 
 
 __all__ = ["BuiltModel", "build_model", "build_backbone", "image_spec", "ensure_pretrained"]

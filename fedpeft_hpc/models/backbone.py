@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,13 +12,10 @@ from torch import nn
 from fedpeft_hpc.config.schema import ModelConfig
 from fedpeft_hpc.data.transforms import ImageSpec
 from fedpeft_hpc.errors import CheckpointError, ConfigError
+from fedpeft_hpc.utils.files import expand_path
 from fedpeft_hpc.utils.hints import did_you_mean
 
 log = logging.getLogger(__name__)
-
-
-def expand_path(path: str) -> Path:
-    return Path(os.path.expandvars(os.path.expanduser(path)))
 
 
 def _create(cfg: ModelConfig) -> nn.Module:
@@ -29,10 +25,18 @@ def _create(cfg: ModelConfig) -> nn.Module:
         raise ConfigError("model.name", f"{cfg.name!r} is not a timm model.{did_you_mean(cfg.name, timm.list_models(), 3)}")
     kwargs = dict(cfg.kwargs)
     if cfg.img_size is not None:
-        kwargs["img_size"] = cfg.img_size
+        kwargs["img_size"] = cfg.img_size  # ViTs build their patch grid for it
     use_timm_weights = cfg.pretrained and not cfg.checkpoint
     try:
-        return timm.create_model(cfg.name, pretrained=use_timm_weights, num_classes=cfg.num_classes, **kwargs)
+        try:
+            return timm.create_model(cfg.name, pretrained=use_timm_weights, num_classes=cfg.num_classes, **kwargs)
+        except TypeError as e:
+            if "img_size" not in str(e) or "img_size" in cfg.kwargs:
+                raise
+            # CNNs take any input size and have no img_size argument: model.img_size is then only the
+            # resolution the data is brought to (image_spec)
+            kwargs.pop("img_size")
+            return timm.create_model(cfg.name, pretrained=use_timm_weights, num_classes=cfg.num_classes, **kwargs)
     except TypeError as e:
         raise ConfigError("model.kwargs", f"timm.create_model({cfg.name!r}) rejected an argument: {e}") from None
     except (OSError, RuntimeError, ValueError) as e:
@@ -122,8 +126,12 @@ def _without_weights(cfg: ModelConfig) -> ModelConfig:
     return replace(cfg, pretrained=False, checkpoint=None)
 
 
-def image_spec(model: nn.Module) -> ImageSpec:
-    """Input size and normalisation the model expects (in21k ViTs: mean = std = 0.5)."""
+def image_spec(model: nn.Module, img_size: int | None = None) -> ImageSpec:
+    """Input size and normalisation the model expects (in21k ViTs: mean = std = 0.5).
+
+    The size is the patch grid's for a ViT, else ``img_size`` (``model.img_size``) when given,
+    else timm's default for the model.
+    """
     from timm.data import resolve_data_config
 
     dc = resolve_data_config({}, model=model)
@@ -131,4 +139,6 @@ def image_spec(model: nn.Module) -> ImageSpec:
     pe = getattr(model, "patch_embed", None)
     if pe is not None and getattr(pe, "img_size", None):
         h = pe.img_size[0]
+    elif img_size is not None:
+        h = img_size
     return ImageSpec(img_size=int(h), in_chans=int(in_chans), mean=tuple(dc["mean"]), std=tuple(dc["std"]))

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from fedpeft_hpc.config.schema import ModelConfig
-from fedpeft_hpc.models.backbone import build_backbone, expand_path, image_spec
+from fedpeft_hpc.models.backbone import build_backbone, image_spec
 from fedpeft_hpc.data import digits_splits
 from fedpeft_hpc.data.transforms import tensor_to_spec
-from fedpeft_hpc.utils.files import atomic_write
+from fedpeft_hpc.utils.files import atomic_write, expand_path
 from fedpeft_hpc.utils.streams import FIXED_SPLIT_SEED
 
 log = logging.getLogger(__name__)

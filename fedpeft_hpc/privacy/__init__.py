@@ -13,6 +13,7 @@ import torch
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.privacy.base import NoPrivacy, PrivacyMechanism
 from fedpeft_hpc.privacy.client_dp import ClientDP
+from fedpeft_hpc.privacy.noise import NoiseKey
 from fedpeft_hpc.privacy.sample_dp import SampleDP
 
 
@@ -24,7 +25,7 @@ def build_privacy(cfg: Config, *, client_sizes: Sequence[int], schedule, device:
     if mode == "sample":
         return SampleDP(cfg.privacy, cfg.fed, cfg.data, client_sizes=client_sizes, schedule=schedule,
                         seed=cfg.seed, device=device)
-    return ClientDP(cfg.privacy, cfg.fed, seed=cfg.seed)
+    return ClientDP(cfg.privacy, cfg.fed, seed=cfg.seed, sampling=schedule.sampling)
 
 
-__all__ = ["build_privacy", "PrivacyMechanism", "NoPrivacy", "SampleDP", "ClientDP"]
+__all__ = ["build_privacy", "PrivacyMechanism", "NoPrivacy", "NoiseKey", "SampleDP", "ClientDP"]

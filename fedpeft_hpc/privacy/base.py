@@ -1,9 +1,9 @@
 """The interface through which privacy shapes a round, and plain FedAvg (``NoPrivacy``).
 
-The engine calls, per client: ``wrap_optimizer``, ``client_batches``, then (after local
-training) ``client_update``; per round, on every rank, after the one all-reduce: ``finalize``
-and ``account``; per run: ``wrap_model`` once, ``epsilon``/``report`` for the logs, and
-``state_dict``/``load_state_dict`` for checkpoints. A mechanism may shape only what these hooks
+The engine calls, per run: ``use_noise`` and ``wrap_model`` once; per client:
+``wrap_optimizer``, ``client_batches``, then (after local training) ``client_update``; per
+round, on every rank, after the one all-reduce: ``finalize`` and ``account``; and
+``epsilon``/``report`` for the logs, ``state_dict``/``load_state_dict`` for checkpoints. A mechanism may shape only what these hooks
 hand it, so everything a guarantee rests on is visible here. (Modelled on pfl-research's
 postprocessors: ``postprocess_one_user`` ~ ``client_update``, ``postprocess_server`` ~ ``finalize``.)
 """
@@ -18,12 +18,17 @@ import torch
 from torch import nn
 
 from fedpeft_hpc.data.loader import iterate_batches
+from fedpeft_hpc.privacy.noise import NoiseKey
 
 
 class PrivacyMechanism(ABC):
     """The hooks the engine calls; one subclass per privacy mode (``mode`` names it)."""
 
     mode: str
+
+    @abstractmethod
+    def use_noise(self, key: NoiseKey) -> None:
+        """Where this run's noise comes from (a secret shared by all ranks, or the seed)."""
 
     @abstractmethod
     def wrap_model(self, model: nn.Module) -> nn.Module:
@@ -100,6 +105,9 @@ class NoPrivacy(PlainLocalTraining, SampleWeightedMean, PrivacyMechanism):
     """FedAvg without DP: shuffled batches, clients weighted by their exact sample counts."""
 
     mode = "none"
+
+    def use_noise(self, key: NoiseKey) -> None:
+        pass
 
     def account(self, round_idx: int, returning: Sequence[int]) -> None:
         pass

@@ -10,17 +10,26 @@ Weights: every update counts 1.0. FedAvg's sample-count weights are replaced on 
 they would make a client's influence (the sensitivity) depend on its data size, which is
 private and unbounded.
 
-Noise is drawn on CPU in fp64 from ``torch_generator(seed, CENTRAL_NOISE, round)``, so
-every rank and every world size adds exactly the same noise and all ranks keep the same
-global state without a broadcast.
+Noise is drawn once per round in fp64 on CPU from a generator keyed by (noise key, round)
+(``privacy.noise``: a secret shared by all ranks by default, the seed with
+``privacy.seeded_noise``), so every rank adds exactly the same noise and all ranks keep the
+same global state without a broadcast.
 
-Accounting: one step of the sampled Gaussian mechanism per round, sampling rate
-q = m / num_clients, with Opacus's accountant. The cohort is in fact drawn as a fixed-size
-sample without replacement (``federated.sampling``); applying the Poisson-subsampling
-analysis to it is the usual approximation (as in TF Privacy and pfl-research) and is
-stated in ``report()``. Every round counts as a step, whoever was sampled and whether or
-not the round was applied (rounds skipped for too few updates release nothing, so this
-is conservative). Client dropout is not credited.
+Accounting, by ``fed.sampling`` (``federated.sampling.cohort_sampling``):
+
+* ``poisson`` (the default here): every client joins a round independently with probability
+  q = m / num_clients. Neighbouring datasets differ by one client's presence (add/remove), the
+  sum's sensitivity is C, and each round is exactly one step of the Poisson-subsampled Gaussian
+  mechanism with noise multiplier sigma that Opacus' accountant analyses.
+* ``fixed``: cohorts of exactly m without replacement. The natural neighbouring relation is
+  then replace-one, under which one client can move the sum by up to 2C; the accountant is
+  given noise multiplier sigma / 2 (noise relative to that sensitivity) at rate q = m / N.
+  Opacus has no analysis of sampling without replacement, so this applies the Poisson
+  analysis to it (an approximation, stated in ``report()``); use ``poisson`` for an exact one.
+
+Every round counts as a step, whoever was sampled and whether or not the round was applied
+(rounds skipped for too few updates release nothing, so this is conservative). Client
+dropout is not credited.
 """
 
 from __future__ import annotations
@@ -34,13 +43,20 @@ from fedpeft_hpc.config.schema import FedConfig, PrivacyConfig
 from fedpeft_hpc.privacy.accounting import merge_history
 from fedpeft_hpc.privacy.base import PlainLocalTraining
 from fedpeft_hpc.privacy.mechanism import DPMechanism
-from fedpeft_hpc.utils.streams import CENTRAL_NOISE, torch_generator
+from fedpeft_hpc.privacy.noise import gaussian
+from fedpeft_hpc.utils.streams import CENTRAL_NOISE
 
 log = logging.getLogger(__name__)
 
-SAMPLING_NOTE = ("cohorts are fixed-size samples without replacement (m = fed.clients_per_round of "
-                 "fed.num_clients); the accountant's Poisson-subsampling analysis with q = m / num_clients is "
-                 "applied to them, the usual approximation (TF Privacy, pfl-research)")
+SAMPLING_NOTES = {
+    "poisson": ("Poisson cohorts: each client joins a round independently with probability q = "
+                "clients_per_round / num_clients; add/remove adjacency, sensitivity C; accounted exactly as the "
+                "Poisson-subsampled Gaussian mechanism with noise multiplier sigma"),
+    "fixed": ("fixed-size cohorts of clients_per_round without replacement; replace-one adjacency, sensitivity 2C: "
+              "accounted with noise multiplier sigma / 2 at q = clients_per_round / num_clients using the "
+              "Poisson-subsampling analysis (Opacus has none for sampling without replacement: an approximation; "
+              "fed.sampling=poisson gives an exact analysis)"),
+}
 
 
 def clip_update(delta: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -55,31 +71,41 @@ class ClientDP(PlainLocalTraining, DPMechanism):
     mode = "client"
     clipping = "update clipping"
 
-    def __init__(self, privacy: PrivacyConfig, fed: FedConfig, seed: int):
+    def __init__(self, privacy: PrivacyConfig, fed: FedConfig, seed: int, sampling: str):
         super().__init__(privacy, seed)
+        if sampling not in SAMPLING_NOTES:
+            raise ValueError(f"client-level DP: unknown cohort sampling {sampling!r}")
+        self.sampling = sampling
         self.num_clients = int(fed.num_clients)
         self.cohort_size = int(fed.clients_per_round)
         self.rounds_planned = int(fed.rounds)
         self.sample_rate = self.cohort_size / self.num_clients
-        what = (f"client-level DP ({self.cohort_size} of {self.num_clients} clients per round, "
-                f"{self.rounds_planned} rounds)")
-        self.noise_multiplier = self.calibrate(self.sample_rate, self.rounds_planned, what)
-        if self.fixed_noise is None:
-            log.info("client-level DP: target epsilon %g (delta %g, %s): noise multiplier %.4f",
-                     self.target_epsilon, self.delta, self.accountant, self.noise_multiplier)
+        #: the sum's sensitivity in units of C: one client joins/leaves (1) or replaces another (2)
+        self.sensitivity = 1.0 if sampling == "poisson" else 2.0
+        if self.fixed_noise is not None:
+            self.noise_multiplier = float(self.fixed_noise)
+        else:
+            what = (f"client-level DP ({self.cohort_size} of {self.num_clients} clients per round, "
+                    f"{self.rounds_planned} rounds, {sampling} cohorts)")
+            accounted = self.calibrate(self.sample_rate, self.rounds_planned, what)
+            self.noise_multiplier = accounted * self.sensitivity
+            log.info("client-level DP: target epsilon %g (delta %g, %s, %s cohorts): noise multiplier %.4f",
+                     self.target_epsilon, self.delta, self.accountant, sampling, self.noise_multiplier)
         self.history: list[tuple[float, float, int]] = []
 
-    # -- hooks ---------------------------------------------------------------------------
+    @property
+    def accounted_noise_multiplier(self) -> float:
+        """Noise std over the sum's sensitivity: what the accountant analyses."""
+        return self.noise_multiplier / self.sensitivity
+
+    # -- hooks (local training is FedAvg's: PlainLocalTraining) ---------------------------
     def client_update(self, delta: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, float]:
         return clip_update(delta, self.max_grad_norm), 1.0
 
     def noise(self, numel: int, round_idx: int) -> torch.Tensor:
-        """The round's noise vector: fp64 on CPU, a pure function of (seed, round)."""
+        """The round's noise vector: fp64 on CPU, a function of (noise key, round)."""
         std = self.noise_multiplier * self.max_grad_norm
-        if std == 0.0:
-            return torch.zeros(numel, dtype=torch.float64)
-        gen = torch_generator(self.seed, CENTRAL_NOISE, round_idx)
-        return torch.normal(0.0, std, size=(numel,), generator=gen, dtype=torch.float64)
+        return gaussian(std, numel, self.generator(CENTRAL_NOISE, round_idx), secure=not self.seeded_noise)
 
     def finalize(self, update_sum: torch.Tensor, weight_sum: float, round_idx: int) -> torch.Tensor:
         noise = self.noise(update_sum.numel(), round_idx).view_as(update_sum)
@@ -88,19 +114,22 @@ class ClientDP(PlainLocalTraining, DPMechanism):
 
     # -- accounting ----------------------------------------------------------------------
     def account(self, round_idx: int, returning: Sequence[int]) -> None:
-        self.history = merge_history([*self.history, (self.noise_multiplier, self.sample_rate, 1)])
+        self.history = merge_history([*self.history, (self.accounted_noise_multiplier, self.sample_rate, 1)])
 
     def epsilon(self) -> float | None:
         return self.epsilon_of(self.history)
 
     def report(self) -> dict:
         return {**self.report_header(), "noise_multiplier": self.noise_multiplier,
+                "accounted_noise_multiplier": self.accounted_noise_multiplier,
+                "sensitivity": "C" if self.sensitivity == 1.0 else "2C",
                 "sample_rate": self.sample_rate, "steps": int(sum(s for _, _, s in self.history)),
                 "history": [list(e) for e in self.history],
                 "clients_per_round": self.cohort_size, "num_clients": self.num_clients,
+                "cohort_sampling": self.sampling,
                 "aggregation": "sum of clipped updates + N(0, (noise_multiplier * max_grad_norm)^2) once, "
                                "divided by clients_per_round; every update weighs 1",
-                "sampling": SAMPLING_NOTE}
+                "sampling": SAMPLING_NOTES[self.sampling]}
 
     def state_dict(self) -> dict:
         return {"history": [list(e) for e in self.history]}

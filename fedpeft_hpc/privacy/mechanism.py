@@ -14,8 +14,13 @@ import logging
 from fedpeft_hpc.config.schema import PrivacyConfig
 from fedpeft_hpc.privacy.accounting import epsilon_of, noise_for
 from fedpeft_hpc.privacy.base import PrivacyMechanism
+from fedpeft_hpc.privacy.noise import NoiseKey
 
 log = logging.getLogger(__name__)
+
+EPSILON_COVERS = ("the sequence of global PEFT states the server releases (checkpoints, and test metrics "
+                  "computed from them); NOT train_loss, train_acc and rejected in metrics.jsonl, which are "
+                  "computed from the clients' private data without noise")
 
 
 class DPMechanism(PrivacyMechanism):
@@ -31,8 +36,26 @@ class DPMechanism(PrivacyMechanism):
         self.target_epsilon = cfg.target_epsilon
         self.fixed_noise = cfg.noise_multiplier
         self.seed = int(seed)
+        self.seeded_noise = bool(cfg.seeded_noise)
+        self.noise_key: NoiseKey | None = None
         if self.fixed_noise is not None and float(self.fixed_noise) == 0.0:
             log.warning("privacy.noise_multiplier=0: %s only, no privacy (epsilon = inf)", self.clipping)
+
+    def use_noise(self, key: NoiseKey) -> None:
+        if key.secure == self.seeded_noise:
+            raise ValueError(f"privacy.seeded_noise={self.seeded_noise} but the noise key is "
+                             f"{'secret' if key.secure else 'seeded'}")
+        if self.seeded_noise:
+            log.warning("privacy.seeded_noise=true: DP noise derives from the seed in config.yaml; anyone holding "
+                        "the run directory can regenerate and subtract it, so the reported epsilon holds only "
+                        "against someone who does not know the seed. For simulation studies only.")
+        self.noise_key = key
+
+    def generator(self, tag: int, *keys: int, device=None):
+        """A noise generator of this run (after ``use_noise``)."""
+        if self.noise_key is None:
+            raise RuntimeError("DP noise requested before use_noise() gave the mechanism a key")
+        return self.noise_key.generator(tag, *keys, device=device)
 
     def calibrate(self, sample_rate: float, steps: int, what: str) -> float:
         """The noise multiplier for ``steps`` steps at ``sample_rate``: the configured one, or the
@@ -48,4 +71,9 @@ class DPMechanism(PrivacyMechanism):
         """The fields every DP report starts with."""
         return {"mode": self.mode, "accountant": self.accountant, "delta": self.delta,
                 "max_grad_norm": self.max_grad_norm, "epsilon": self.epsilon(),
-                "target_epsilon": self.target_epsilon, "noise_multiplier": self.fixed_noise}
+                "target_epsilon": self.target_epsilon, "noise_multiplier": self.fixed_noise,
+                "seeded_noise": self.seeded_noise,
+                "noise_source": ("derived from the seed (privacy.seeded_noise=true): regenerable by anyone who "
+                                 "knows the seed" if self.seeded_noise else
+                                 "keyed by a 256-bit secret drawn from the OS at start, held in memory only"),
+                "epsilon_covers": EPSILON_COVERS}

@@ -10,7 +10,10 @@ the largest epsilon any client has spent; every client has its own history of
 ``(noise_multiplier, sample_rate, steps)``, one entry per round it trained in, which an
 Opacus accountant turns into epsilon.
 
-Noise: ``privacy.noise_multiplier`` for every client, or calibrated per client from
+Noise comes from a generator per (client, round) keyed by the run's noise key (a secret by
+default, the seed with ``privacy.seeded_noise``; see ``privacy.noise``); with a secret, Opacus'
+``secure_mode`` draws it (robust to floating-point attacks). Its scale is
+``privacy.noise_multiplier`` for every client, or calibrated per client from
 ``privacy.target_epsilon``: the schedule is a pure function of the seed, so the number
 of rounds R_k each client will train in is known up front, and sigma_k is the smallest
 noise (Opacus's ``get_noise_multiplier``) with which ``R_k * local_epochs * ceil(n_k/B)``
@@ -44,7 +47,7 @@ from fedpeft_hpc.peft.prompt import PromptTokens
 from fedpeft_hpc.privacy.accounting import merge_history
 from fedpeft_hpc.privacy.base import SampleWeightedMean
 from fedpeft_hpc.privacy.mechanism import DPMechanism
-from fedpeft_hpc.utils.streams import CLIENT_NOISE, torch_generator
+from fedpeft_hpc.utils.streams import CLIENT_NOISE
 
 log = logging.getLogger(__name__)
 
@@ -232,9 +235,10 @@ class SampleDP(SampleWeightedMean, DPMechanism):
         if int(num_samples) != self.sizes[client]:
             raise ValueError(f"client {client}: {num_samples} samples, accounted for {self.sizes[client]}")
         expected = self.sample_rates[client] * self.sizes[client]
-        gen = torch_generator(self.seed, CLIENT_NOISE, round_idx, client, device=self.device)
+        gen = self.generator(CLIENT_NOISE, round_idx, client, device=self.device)
         return opt_cls(optimizer, module=self._wrapped, noise_multiplier=sigma, max_grad_norm=self.max_grad_norm,
-                       expected_batch_size=expected, loss_reduction="mean", generator=gen)
+                       expected_batch_size=expected, loss_reduction="mean", generator=gen,
+                       secure_mode=not self.seeded_noise)
 
     # -- accounting ----------------------------------------------------------------------
     def account(self, round_idx: int, returning: Sequence[int]) -> None:

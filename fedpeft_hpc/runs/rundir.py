@@ -31,8 +31,8 @@ class RunDir:
         self.config_path = self.path / "config.yaml"
 
     # -- start / resume ---------------------------------------------------------------
-    def open(self, cfg: Config) -> Checkpoint | None:
-        """Decide between a fresh start and a resume; returns the checkpoint to resume from."""
+    def resume_point(self, cfg: Config) -> Checkpoint | None:
+        """Decide between a fresh start and a resume (reads only); the checkpoint to resume from."""
         has_ckpt = self.latest.is_file()
         has_run = has_ckpt or self.metrics_path.is_file() or self.summary_path.is_file()
         mode = cfg.run.resume
@@ -44,18 +44,22 @@ class RunDir:
         if has_run and not has_ckpt:
             raise ConfigError("run.dir", f"{self.path} holds metrics of a run but no checkpoints/latest.safetensors "
                                          "to resume from; choose a new run.dir (nothing was overwritten)")
-        ckpt = None
-        if has_ckpt:
-            self._check_same_run(cfg)
-            ckpt = load_checkpoint(self.latest)
-        if self.is_main:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.ckpt_dir.mkdir(exist_ok=True)
-            atomic_write_text(self.config_path, dump_yaml(cfg))
-            if ckpt is not None:
-                rows = [r for r in read_jsonl(self.metrics_path) if r.get("round", 0) <= ckpt.round]
-                atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-        return ckpt
+        if not has_ckpt:
+            return None
+        self._check_same_run(cfg)
+        return load_checkpoint(self.latest)
+
+    def start(self, cfg: Config, ckpt: Checkpoint | None) -> None:
+        """Write the resolved config; on resume, drop metrics rows after the checkpoint's round
+        (they are recomputed identically). Rank 0 only."""
+        if not self.is_main:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.ckpt_dir.mkdir(exist_ok=True)
+        atomic_write_text(self.config_path, dump_yaml(cfg))
+        if ckpt is not None:
+            rows = [r for r in read_jsonl(self.metrics_path) if r.get("round", 0) <= ckpt.round]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def _check_same_run(self, cfg: Config) -> None:
         import yaml

@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+def expand_path(path: str | os.PathLike) -> Path:
+    """``~`` and ``$VARS`` expanded (cluster paths such as ``$SCRATCH/cifar`` or ``/data/rank$LOCAL_RANK``)."""
+    return Path(os.path.expandvars(os.path.expanduser(str(path))))
+
+
 def current_umask() -> int:
     """The process umask (read without changing it where /proc says it; else set and restore)."""
     try:

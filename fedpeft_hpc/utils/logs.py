@@ -38,14 +38,22 @@ def setup_logging(level: str = "info", rank: int = 0, world_size: int = 1) -> No
     root.setLevel(getattr(logging, level.upper()) if rank == 0 else logging.WARNING)
 
 
+class _RunLogHandler(logging.FileHandler):
+    """A file handler that opens (and, if needed, makes the folder of) its file at the first record:
+    ranks other than 0 may log before rank 0 has made the run directory, or never log at all."""
+
+    def _open(self):
+        Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+        return super()._open()
+
+
 def log_to_file(path: Path, rank: int = 0, world_size: int = 1) -> Callable[[], None]:
     """Append this process's log records to ``path`` (with dates) until the returned function runs.
 
     Rank 0 writes what it logs at the root level; other ranks' records reach their file only at
     WARNING and above (the root level on those ranks).
     """
-    # other ranks' files appear only when they have something to say
-    handler = logging.FileHandler(path, mode="a", encoding="utf-8", delay=rank != 0)
+    handler = _RunLogHandler(path, mode="a", encoding="utf-8", delay=True)
     handler.setFormatter(_formatter(rank if world_size > 1 else None, "%Y-%m-%d %H:%M:%S"))
     root = logging.getLogger()
     root.addHandler(handler)

@@ -1,0 +1,90 @@
+"""Where DP noise comes from: a secret nobody can read back (default), or the seed (simulation).
+
+With ``privacy.seeded_noise=false`` (the default) every noise generator is keyed by a 256-bit
+secret drawn from the operating system (``secrets``) on rank 0 when the run starts and handed
+to the other ranks in memory (one all-reduce); it is never written anywhere. All ranks thus
+apply the same noise, but nobody holding the run directory (config, seed, checkpoints) can
+regenerate it and subtract it. Each generator gets a 63-bit seed from BLAKE2b(secret, tag,
+round, client), so the streams of two clients or two rounds are unrelated. Noise is further
+drawn the way Opacus' ``secure_mode`` draws it (sum of four Gaussians over two, after a discarded
+draw), which defeats floating-point attacks on the Gaussian sampler (Holohan & Braghin 2021).
+Runs are then not repeatable by design; a resumed run draws a new secret.
+
+With ``privacy.seeded_noise=true`` the generators derive from the seed like every other stream
+(``utils.streams``): runs and resumes are bitwise repeatable, and the reported epsilon holds only
+against someone who does not know the seed (it is in config.yaml). For simulation studies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+
+import torch
+
+from fedpeft_hpc.utils.streams import torch_generator
+
+log = logging.getLogger(__name__)
+
+SECRET_WORDS = 4  # 4 x 64 bits
+
+
+class NoiseKey:
+    """Makes the noise generators of a run: ``generator(tag, round, client)``."""
+
+    def __init__(self, seed: int | None = None, secret: bytes | None = None):
+        if (seed is None) == (secret is None):
+            raise ValueError("NoiseKey takes a seed or a secret")
+        self._seed = seed
+        self._secret = secret
+
+    @classmethod
+    def seeded(cls, seed: int) -> "NoiseKey":
+        return cls(seed=int(seed))
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> "NoiseKey":
+        return cls(secret=bytes(secret))
+
+    @property
+    def secure(self) -> bool:
+        """True when the noise cannot be regenerated from anything written to disk."""
+        return self._secret is not None
+
+    def generator(self, tag: int, *keys: int, device=None) -> torch.Generator:
+        if self._seed is not None:
+            return torch_generator(self._seed, tag, *keys, device=device)
+        msg = b"/".join(str(int(k)).encode() for k in (tag, *keys))
+        digest = hashlib.blake2b(msg, key=self._secret, digest_size=8).digest()
+        g = torch.Generator(device=device if device is not None else "cpu")
+        g.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+        return g
+
+
+def fresh_secret() -> bytes:
+    return secrets.token_bytes(8 * SECRET_WORDS)
+
+
+def secret_as_words(secret: bytes) -> torch.Tensor:
+    """A secret as int64 words (to travel through an all-reduce); ``words_as_secret`` inverts it."""
+    return torch.frombuffer(bytearray(secret), dtype=torch.int64).clone()
+
+
+def words_as_secret(words: torch.Tensor) -> bytes:
+    return words.to(torch.int64).cpu().contiguous().numpy().tobytes()
+
+
+def gaussian(std: float, numel: int, generator: torch.Generator, secure: bool,
+             dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """``numel`` draws of N(0, std^2) on the generator's device; ``secure`` as Opacus' secure_mode."""
+    device = generator.device
+    if std == 0.0:
+        return torch.zeros(numel, dtype=dtype, device=device)
+    if not secure:
+        return torch.normal(0.0, std, size=(numel,), generator=generator, dtype=dtype, device=device)
+    torch.normal(0.0, std, size=(1,), generator=generator, dtype=dtype, device=device)  # discarded
+    total = torch.zeros(numel, dtype=dtype, device=device)
+    for _ in range(4):
+        total += torch.normal(0.0, std, size=(numel,), generator=generator, dtype=dtype, device=device)
+    return total / 2
