@@ -41,8 +41,9 @@ class RunDir:
         self.config_path = self.path / "config.yaml"
 
     # -- start / resume ---------------------------------------------------------------
-    def open(self, cfg: Config) -> Checkpoint | None:
-        """Decide between a fresh start and a resume; returns the checkpoint to resume from."""
+    def check(self, cfg: Config) -> bool:
+        """The checks of ``open`` without writing anything (``fedpeft-hpc submit``/``sweep`` run them on
+        the login node). Returns whether the run will resume from ``checkpoints/latest.safetensors``."""
         has_ckpt = self.latest.is_file()
         has_run = has_ckpt or self.metrics_path.is_file() or self.summary_path.is_file()
         mode = cfg.run.resume
@@ -54,10 +55,13 @@ class RunDir:
         if has_run and not has_ckpt:
             raise ConfigError("run.dir", f"{self.path} holds metrics of a run but no checkpoints/latest.safetensors "
                                          "to resume from; choose a new run.dir (nothing was overwritten)")
-        ckpt = None
         if has_ckpt:
             self._check_same_run(cfg)
-            ckpt = load_checkpoint(self.latest)
+        return has_ckpt
+
+    def open(self, cfg: Config) -> Checkpoint | None:
+        """Decide between a fresh start and a resume; returns the checkpoint to resume from."""
+        ckpt = load_checkpoint(self.latest) if self.check(cfg) else None
         if self.is_main:
             self.path.mkdir(parents=True, exist_ok=True)
             self.ckpt_dir.mkdir(exist_ok=True)
@@ -67,22 +71,27 @@ class RunDir:
                 atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         return ckpt
 
-    def _check_same_run(self, cfg: Config) -> None:
+    def config_differences(self, cfg: Config) -> list[tuple[str, object, object]]:
+        """``(key, saved, new)`` for every key where ``cfg`` differs from the saved ``config.yaml``,
+        ignoring the keys a resume may change (``run.*``, ``comm.*``, paths). Empty without a saved config."""
         import yaml
 
         if not self.config_path.is_file():
-            return
+            return []
         try:
             old = _flat(yaml.safe_load(self.config_path.read_text()) or {})
         except yaml.YAMLError:
             raise UserError(f"{self.config_path} is not valid YAML; cannot check the resumed run") from None
         new = _flat(to_dict(cfg))
-        diff = sorted(k for k in set(old) | set(new)
-                      if not k.startswith(_RESUME_FREE) and old.get(k) != new.get(k))
+        return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                if not k.startswith(_RESUME_FREE) and old.get(k) != new.get(k)]
+
+    def _check_same_run(self, cfg: Config) -> None:
+        diff = self.config_differences(cfg)
         if diff:
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
-            raise ConfigError(diff[0], f"{self.path} holds a run with a different config ({shown}); "
-                                       "choose a new run.dir or use the same config to resume")
+            shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diff[:6])
+            raise ConfigError(diff[0][0], f"{self.path} holds a run with a different config ({shown}); "
+                                          "choose a new run.dir or use the same config to resume")
 
     # -- writing ---------------------------------------------------------------------------
     def append_metrics(self, row: dict) -> None:
