@@ -115,9 +115,9 @@ def value_token(v: Any) -> str:
         s = "+".join(f"{k}-{value_token(x)}" for k, x in v.items()) or "empty"
     else:
         s = str(v)
-    s = re.sub(r"[^A-Za-z0-9.+-]+", "-", s).strip("-") or "x"
+    s = re.sub(r"[^A-Za-z0-9.+-]+", "-", s.strip()) or "x"
     if len(s) > MAX_TOKEN:
-        s = s[:MAX_TOKEN - 8] + "~" + _digest(s)
+        s = s[:MAX_TOKEN - 7] + "~" + _digest(s)  # 40 characters at most
     return s
 
 
