@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedpeft_hpc.cli import main
 from fedpeft_hpc.runs.checkpoint import load_checkpoint
 from fedpeft_hpc.runs.files import read_jsonl
 from tests.conftest import QUICKSTART, REPO
@@ -34,6 +36,25 @@ TINY = ("run.progress=false", "run.threads=1", "model.pretrained=false", f"fed.r
         "fed.local_epochs=1", "fed.num_clients=8", "fed.clients_per_round=4", "data.min_samples=10",
         "comm.timeout_s=60")
 CLI = [sys.executable, "-m", "fedpeft_hpc"]
+
+
+@pytest.fixture
+def job_env(monkeypatch):
+    """This process's environment as the jobs it submits should inherit it (sbatch exports it): this
+    checkout first on the path, one thread per task, no launcher variables of an outer job."""
+    env = clean_env()
+    for k in list(os.environ):
+        if k not in env:
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+
+def cli_main(capsys, *args: str) -> tuple[int, str, str]:
+    """The CLI in this process (no second start-up of torch and timm); (status, stdout, stderr)."""
+    rc = main(list(args))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -65,13 +86,14 @@ def max_diff(a: Path, b: Path) -> float:
     return max(float((sa[k] - sb[k]).abs().max()) for k in sa)
 
 
-def test_submit_two_tasks_waits_and_matches_one_process(slurm, reference, tmp_path):
+def test_submit_two_tasks_waits_and_matches_one_process(slurm, reference, tmp_path, capsys, job_env):
     d = tmp_path / "two"
-    res = ok(cli("submit", str(QUICKSTART), f"run.dir={d}", *TINY, "--executor", "slurm",
-                 "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "5", "--wait"))
-    job = re.search(r"submitted slurm job (\d+)", res.stdout).group(1)
-    assert f"{d / 'slurm' / job}_0_log.out" in res.stdout and f"run dir: {d}" in res.stdout
-    assert json.loads(res.stdout.strip().splitlines()[-1]) == json.loads((d / "summary.json").read_text())
+    rc, out, err = cli_main(capsys, "submit", str(QUICKSTART), f"run.dir={d}", *TINY, "--executor", "slurm",
+                            "--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "5", "--wait")
+    assert rc == 0, out + err[-3000:]
+    job = re.search(r"submitted slurm job (\d+)", out).group(1)
+    assert f"{d / 'slurm' / job}_0_log.out" in out and f"run dir: {d}" in out
+    assert json.loads(out.strip().splitlines()[-1]) == json.loads((d / "summary.json").read_text())
     rows = read_jsonl(d / "metrics.jsonl")
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
     assert all(r["world_size"] == 2 and r["allreduce_backend"] == "gloo" for r in rows)
@@ -81,7 +103,8 @@ def test_submit_two_tasks_waits_and_matches_one_process(slurm, reference, tmp_pa
 
 def _interrupt_and_release(job: str, run_dir: Path, signal_cmd: list[str], timeout: float = 120) -> None:
     """Once round 2 is checkpointed, send ``signal_cmd``; when the job is back in the queue, let it start
-    now (SLURM holds a requeued job for its credential lifetime, 121 s by default)."""
+    soon. SLURM holds a requeued job for its credential lifetime (121 s by default); a start within the
+    second of the requeue is refused ("Job credential revoked", the job then FAILS), hence now+2."""
     deadline = time.monotonic() + timeout
     while not (run_dir / "checkpoints" / "round_00002.safetensors").is_file():
         assert time.monotonic() < deadline, f"job {job} wrote no round-2 checkpoint: {job_fields(job)}"
@@ -91,8 +114,8 @@ def _interrupt_and_release(job: str, run_dir: Path, signal_cmd: list[str], timeo
     while True:
         fields = job_fields(job)
         if fields.get("JobState") == "PENDING" and fields.get("Reason") == "BeginTime":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, env=clean_env(),
-                           timeout=30)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+2"], check=True,
+                           env=clean_env(), timeout=30)
             return
         assert fields.get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"), f"not requeued: {fields}"
         assert time.monotonic() < deadline, f"job {job} was not requeued: {fields}"
@@ -175,22 +198,23 @@ seeds: [1, 2]
 """
 
 
-def test_sweep_is_one_array_reported_and_not_submitted_twice(slurm, tmp_path):
+def test_sweep_is_one_array_reported_and_not_submitted_twice(slurm, tmp_path, capsys, job_env):
     spec, out = tmp_path / "grid.yaml", tmp_path / "sweep"
     spec.write_text(SWEEP.format(base=QUICKSTART, lr=0.1))
-    res = ok(cli("sweep", str(spec), "--out", str(out), "--executor", "slurm", "--max-parallel", "2",
-                 "--cpus-per-task", "1", "--time", "5", "--wait", timeout=400))
+    rc, stdout, stderr = cli_main(capsys, "sweep", str(spec), "--out", str(out), "--executor", "slurm",
+                                  "--max-parallel", "2", "--cpus-per-task", "1", "--time", "5", "--wait")
+    assert rc == 0, stdout + stderr[-3000:]
     manifest = json.loads((out / "sweep.json").read_text())
     runs = manifest["runs"]
     assert len(runs) == 8 and manifest["executor"] == "slurm"
     ids = [r["job"]["job_id"] for r in runs.values()]
     array = ids[0].split("_")[0]
     assert sorted(ids) == sorted(f"{array}_{i}" for i in range(8)), ids  # one array of 8 elements
-    assert f"submitted 8 runs as SLURM job array {array}, at most 2 at once" in res.stdout
+    assert f"submitted 8 runs as SLURM job array {array}, at most 2 at once" in stdout
     assert all(r["state"] == "finished" for r in runs.values()), runs
     assert (out / "slurm" / f"{array}_submission.sh").read_text().count("#SBATCH --array=0-7%2") == 1
 
-    ok(cli("report", str(out)))
+    assert cli_main(capsys, "report", str(out))[0] == 0
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and {r["state"] for r in rows} == {"finished"}
@@ -202,20 +226,20 @@ def test_sweep_is_one_array_reported_and_not_submitted_twice(slurm, tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     before = max(known_job_ids())
-    again = ok(cli("sweep", str(spec), "--out", str(out), "--executor", "slurm", "--max-parallel", "2"))
-    assert "nothing to run" in again.stdout and "8 finished" in again.stdout
+    rc, stdout, _ = cli_main(capsys, "sweep", str(spec), "--out", str(out), "--executor", "slurm",
+                             "--max-parallel", "2")
+    assert rc == 0 and "nothing to run" in stdout and "(8 finished); 0 to run" in stdout
     assert max(known_job_ids()) == before  # no sbatch
     assert [r["job"]["job_id"] for r in json.loads((out / "sweep.json").read_text())["runs"].values()] == ids
 
 
-def test_sweep_with_an_invalid_value_exits_2_and_submits_nothing(slurm, tmp_path):
+def test_sweep_with_an_invalid_value_exits_2_and_submits_nothing(slurm, tmp_path, capsys, job_env):
     spec, out = tmp_path / "bad.yaml", tmp_path / "sweep"
     spec.write_text(SWEEP.format(base=QUICKSTART, lr=-1))
     before = known_job_ids()
-    res = cli("sweep", str(spec), "--out", str(out), "--executor", "slurm")
-    assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr
-    assert "run method=bias_lr=-1_seed=1: optim.lr: must be > 0.0, got -1.0" in res.stderr
-    assert "4 of 8 runs are invalid, nothing was submitted" in res.stderr
+    rc, _, err = cli_main(capsys, "sweep", str(spec), "--out", str(out), "--executor", "slurm")
+    assert rc == 2, err
+    assert "run method=bias_lr=-1_seed=1: optim.lr: must be > 0.0, got -1.0" in err
+    assert "4 of 8 runs are invalid, nothing was submitted" in err
     assert not out.exists()
     assert all(j <= max(before, default=0) for j in known_job_ids())  # no sbatch happened

@@ -16,7 +16,7 @@ from fedpeft_hpc.errors import UserError
 from fedpeft_hpc.launchers.preflight import Preflight
 from fedpeft_hpc.launchers.sweep import plan
 from fedpeft_hpc.launchers.sweep_spec import (load_sweep, override_items, short_names, value_token)
-from tests.conftest import QUICKSTART, run_cli
+from tests.conftest import QUICKSTART, run_cli, subprocess_env
 
 TINY = """\
   run: {progress: false, threads: 1}
@@ -155,20 +155,35 @@ def test_a_missing_dataset_is_caught_before_submission(tmp_path, capsys):
 
 
 # -- the local executor, end to end ---------------------------------------------------------------
+@pytest.fixture
+def job_env(monkeypatch):
+    """What jobs started from this process inherit: this checkout first on the path, one thread each."""
+    for k, v in subprocess_env().items():
+        if k in ("PYTHONPATH", "OMP_NUM_THREADS"):
+            monkeypatch.setenv(k, v)
+
+
+def cli_main(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
 @pytest.mark.multiproc
-def test_local_sweep_runs_skips_resumes_and_reruns(tmp_path):
+def test_local_sweep_runs_skips_resumes_and_reruns(tmp_path, capsys, job_env):
     spec, out = grid_file(tmp_path), tmp_path / "out"
-    res = run_cli("sweep", str(spec), "--out", str(out), "--executor", "local", "--max-parallel", "2", timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    rc, stdout, stderr = cli_main(capsys, "sweep", str(spec), "--out", str(out), "--executor", "local",
+                                  "--max-parallel", "2")
+    assert rc == 0, stdout + stderr[-3000:]
     manifest = json.loads((out / "sweep.json").read_text())
     runs = manifest["runs"]
     assert list(runs) == [f"method={m}_lr={lr}_seed={s}" for m in ("bias", "lora") for lr in ("0.05", "0.1")
                           for s in (1, 2)]
     assert all(r["state"] == "finished" and r["job"]["executor"] == "local" for r in runs.values())
     assert all((out / name / "summary.json").is_file() for name in runs)
-    assert re.search(r"\[8/8\] finished", res.stdout)
+    assert re.search(r"\[8/8\] finished", stdout)
 
-    assert run_cli("report", str(out)).returncode == 0
+    assert cli_main(capsys, "report", str(out))[0] == 0
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == list(runs) and {r["state"] for r in rows} == {"finished"}
@@ -177,8 +192,8 @@ def test_local_sweep_runs_skips_resumes_and_reruns(tmp_path):
 
     # the same sweep again: nothing to run, nothing started
     logs = sorted(p.name for p in (out / "slurm").iterdir())
-    res = run_cli("sweep", str(spec), "--out", str(out), "--executor", "local")
-    assert res.returncode == 0 and "nothing to run" in res.stdout
+    rc, stdout, _ = cli_main(capsys, "sweep", str(spec), "--out", str(out), "--executor", "local")
+    assert rc == 0 and "nothing to run" in stdout
     assert sorted(p.name for p in (out / "slurm").iterdir()) == logs
 
     # one run interrupted (checkpoint, no summary), one failed (metrics, no checkpoint), one never started
@@ -194,14 +209,13 @@ def test_local_sweep_runs_skips_resumes_and_reruns(tmp_path):
     (out / names[1] / "summary.json").unlink()
     shutil.rmtree(out / names[1] / "checkpoints")
     shutil.rmtree(out / names[2])
-    res = run_cli("sweep", str(spec), "--out", str(out), "--dry-run")
-    assert res.returncode == 0, res.stderr
-    states = dict(re.findall(r"^(method=\S+)\s+(\w+)", res.stdout, flags=re.M))
+    rc, stdout, stderr = cli_main(capsys, "sweep", str(spec), "--out", str(out), "--dry-run")
+    assert rc == 0, stderr
+    states = dict(re.findall(r"^(method=\S+)\s+(\w+)", stdout, flags=re.M))
     assert states == {**{n: "finished" for n in names}, names[0]: "interrupted", names[1]: "failed",
                       names[2]: "new"}
-    assert "(1 interrupted, 1 failed, 1 new, 5 finished); 3 to run" in res.stdout
-    res = run_cli("report", str(out))
-    assert res.returncode == 0
+    assert "(1 interrupted, 1 failed, 1 new, 5 finished); 3 to run" in stdout
+    assert cli_main(capsys, "report", str(out))[0] == 0
     assert f"`{names[0]}`: interrupted, 1 round(s) of 2 done" in (out / "results.md").read_text()
 
     res = run_cli("sweep", str(spec), "--out", str(out), "--executor", "debug", timeout=300)
