@@ -70,7 +70,7 @@ def _figure(title: str, xlabel: str):
     return fig, ax
 
 
-def _save(fig, ax, path: Path, n: int) -> None:
+def _save(fig, ax, path: Path, n: int):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     if n:
@@ -78,19 +78,22 @@ def _save(fig, ax, path: Path, n: int) -> None:
     else:
         ax.text(0.5, 0.5, "no evaluated round yet", ha="center", va="center", transform=ax.transAxes)
     FigureCanvasAgg(fig).print_png(str(path))
+    return fig
 
 
-def plot_accuracy_vs_round(coll: Collection, path: Path) -> None:
+def plot_accuracy_vs_round(coll: Collection, path: Path):
+    """Write the PNG; returns the matplotlib Figure."""
     cs = curves(coll)
     fig, ax = _figure(f"{coll.title}: test accuracy per round (mean ± std over seeds)", "communication round")
     for c in cs:
         (line,) = ax.plot(c.rounds, c.acc_mean, marker="o", markersize=3, label=c.label)
         ax.fill_between(c.rounds, c.acc_mean - c.acc_std, c.acc_mean + c.acc_std, color=line.get_color(),
                         alpha=0.2, linewidth=0)
-    _save(fig, ax, path, len(cs))
+    return _save(fig, ax, path, len(cs))
 
 
-def plot_accuracy_vs_bytes(coll: Collection, path: Path) -> None:
+def plot_accuracy_vs_bytes(coll: Collection, path: Path):
+    """Write the PNG (log x); returns the matplotlib Figure."""
     cs = curves(coll)
     fig, ax = _figure(f"{coll.title}: test accuracy vs communication",
                       "cumulative communication, MB (up + down, all clients; log scale)")
@@ -106,4 +109,4 @@ def plot_accuracy_vs_bytes(coll: Collection, path: Path) -> None:
         ax.xaxis.set_major_formatter(plain)
         lo, hi = min(c.mb_mean.min() for c in cs), max(c.mb_mean.max() for c in cs)
         ax.xaxis.set_minor_formatter(plain if hi < 10 * lo else NullFormatter())
-    _save(fig, ax, path, len(cs))
+    return _save(fig, ax, path, len(cs))
