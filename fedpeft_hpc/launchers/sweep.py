@@ -134,6 +134,14 @@ def write_manifest(out: Path, spec: SweepSpec, planned: list[PlannedRun], execut
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
+def shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter messages)."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 @contextmanager
 def _locked(out: Path) -> Iterator[None]:
     """One sweep command per directory at a time (a second would start the same runs again)."""
@@ -181,7 +189,7 @@ def run_sweep(spec: SweepSpec, out: Path, executor: str, profile: ClusterProfile
     planned = plan(spec, out, pre)  # raises before anything is written
     todo = [p for p in planned if p.to_run]
     counts = {s: sum(p.status.state == s for p in planned) for s in dict.fromkeys(p.status.state for p in planned)}
-    echo(f"sweep {spec.name}: {len(planned)} runs in {out} ("
+    echo(f"sweep {spec.name}: {len(planned)} runs in {shown(out)} ("
          + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"); {len(todo)} to run")
     kind = resolve_kind(executor, submitting=bool(todo) and not dry_run)
     if dry_run:
@@ -233,7 +241,7 @@ def _run_slurm(spec: SweepSpec, out: Path, planned: list[PlannedRun], todo: list
          else f"submitted SLURM job {array_id}")
     for p in todo:
         echo(f"  {jobs[p.run.name].job_id:<12} {p.run.name}")
-    echo(f"logs: {folder}/{array_id}_<i>_0_log.{{out,err}}; manifest: {out / MANIFEST}")
+    echo(f"logs: {shown(folder)}/{array_id}_<i>_0_log.{{out,err}}; manifest: {shown(out / MANIFEST)}")
     if not wait:
         return 0
 
@@ -314,8 +322,8 @@ def _final(spec: SweepSpec, out: Path, planned: list[PlannedRun], kind: str, job
         log_hint = ""
         job = jobs.get(p.run.name, p.job)
         if job is not None and job.executor != "debug":
-            log_hint = f"; log: {job.log_paths()[1]}"
+            log_hint = f"; log: {shown(job.log_paths()[1])}"
         echo(f"not finished: {p.run.name}: {p.status.state} ({p.status.detail}){log_hint}", file=sys.stderr)
     echo(f"sweep {spec.name}: {len(planned) - len(bad)}/{len(planned)} runs finished; "
-         f"`fedpeft-hpc report {out}` writes the tables and plots")
+         f"`fedpeft-hpc report {shown(out)}` writes the tables and plots")
     return 0 if not bad else 1

@@ -84,7 +84,10 @@ def _save(fig, ax, path: Path, n: int):
 def plot_accuracy_vs_round(coll: Collection, path: Path):
     """Write the PNG; returns the matplotlib Figure."""
     cs = curves(coll)
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = _figure(f"{coll.title}: test accuracy per round (mean ± std over seeds)", "communication round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for c in cs:
         (line,) = ax.plot(c.rounds, c.acc_mean, marker="o", markersize=3, label=c.label)
         ax.fill_between(c.rounds, c.acc_mean - c.acc_std, c.acc_mean + c.acc_std, color=line.get_color(),
