@@ -44,7 +44,8 @@ def clean_env(**extra: str) -> dict:
     """subprocess_env (PYTHONPATH=repo, OMP_NUM_THREADS=1) without an outer job's launcher variables."""
     env = subprocess_env(**extra)
     for k in list(env):
-        if k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "OMPI_", "PMI_", "SUBMITIT_")) or k in LAUNCHER_VARS:
+        outer = k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "OMPI_", "PMI_", "SUBMITIT_"))
+        if outer or k in LAUNCHER_VARS:
             del env[k]
     env["PATH"] = SBIN
     return env

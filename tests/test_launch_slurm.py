@@ -58,7 +58,8 @@ def cli_main(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=REPO)
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=clean_env(),
+                          cwd=REPO)
 
 
 def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

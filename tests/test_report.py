@@ -101,7 +101,8 @@ def test_plots_are_labelled_and_bytes_are_on_a_log_axis(sweep_dir, tmp_path):
     ax = fig.axes[0]
     assert ax.get_xscale() == "log" and "MB" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
     assert "demo" in ax.get_title()
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["method=bias (n=2)", "method=lora (1/3 finished)"]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["method=bias (n=2)", "method=lora (1/3 finished)"]
     fig = plot_accuracy_vs_round(coll, tmp_path / "r.png")
     assert fig.axes[0].get_xscale() == "linear" and "round" in fig.axes[0].get_xlabel()
     for p in (tmp_path / "b.png", tmp_path / "r.png"):
@@ -138,7 +139,8 @@ def test_zero_noise_epsilon_is_reported_as_unbounded(tmp_path):
 def test_a_folder_of_runs_is_grouped_by_the_keys_that_differ(tmp_path):
     for method in ("bias", "lora"):
         for seed in (1, 2):
-            make_run(tmp_path / "qs" / f"{method}{seed}", seed=seed, accs=[0.5 + seed / 10], rounds=1, method=method)
+            make_run(tmp_path / "qs" / f"{method}{seed}", seed=seed, accs=[0.5 + seed / 10], rounds=1,
+                     method=method)
     coll = collect(tmp_path / "qs")
     assert coll.swept == ["peft.method"] and list(coll.settings()) == ["method=bias", "method=lora"]
     _, md = write_report(tmp_path / "qs")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -68,7 +67,8 @@ def test_dry_run_prints_the_sbatch_script_and_submits_nothing(tmp_path, capsys):
                  "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4", "#SBATCH --cpus-per-task=8",
                  "#SBATCH --mem=128GB", "#SBATCH --signal=USR2@90", "#SBATCH --mail-type=END,FAIL",
                  f"#SBATCH --output={d}/slurm/%j_0_log.out", "module load cuda/12.1",
-                 "srun --unbuffered", "--cpu-bind=none", "-m submitit.core._submit", "dry run: nothing was submitted"):
+                 "srun --unbuffered", "--cpu-bind=none", "-m submitit.core._submit",
+                 "dry run: nothing was submitted"):
         assert line in out, line
     assert "1 node(s) x 4 task(s)" in out
     assert not d.exists()

@@ -99,7 +99,8 @@ def test_nested_overrides_mean_their_dotted_keys(tmp_path):
 
 
 @pytest.mark.parametrize("body, words", [
-    ("grid: {peft.method: [bias]}\nzip: {optim.lr: [0.1, 0.2], data.alpha: [0.5]}", "zip: all lists must have one length"),
+    ("grid: {peft.method: [bias]}\nzip: {optim.lr: [0.1, 0.2], data.alpha: [0.5]}",
+     "zip: all lists must have one length"),
     ("grid: {optim.lr: [0.1]}\noverrides: {optim.lr: 0.2}", "overrides.optim.lr: also given under grid"),
     ("grid: {seed: [1, 2]}", "grid.seed: not allowed in a sweep: list the seeds under seeds:"),
     ("overrides: {run.dir: x}", "overrides.run.dir: not allowed"),

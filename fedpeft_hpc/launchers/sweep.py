@@ -62,7 +62,8 @@ def read_manifest(out: Path) -> dict:
     try:
         data = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{p} cannot be read ({e}); move it away to start the sweep's bookkeeping afresh") from None
+        raise UserError(f"{p} cannot be read ({e}); move it away to start the sweep's bookkeeping "
+                        "afresh") from None
     if data.get("format") != FORMAT:
         raise UserError(f"{p} is not a fedpeft-hpc sweep manifest (format {data.get('format')!r})")
     return data
@@ -271,7 +272,8 @@ def _run_here(spec: SweepSpec, out: Path, planned: list[PlannedRun], todo: list[
         done += 1
         status = run_status(p.dir, jobs[p.run.name] if kind == "local" else None)
         states[p.run.name] = status.state
-        echo(f"[{done}/{len(todo)}] {status.state:<9} {p.run.name} ({status.detail}, {time.monotonic() - t0:.0f} s)")
+        took = time.monotonic() - t0
+        echo(f"[{done}/{len(todo)}] {status.state:<9} {p.run.name} ({status.detail}, {took:.0f} s)")
         write_manifest(out, spec, planned, kind, jobs, states)
 
     try:

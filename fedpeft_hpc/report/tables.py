@@ -104,7 +104,8 @@ def results_md(coll: Collection) -> str:
     rows = setting_rows(coll)
     dp = any(r["has_epsilon"] for r in rows)
     cols = [coll.short.get(k, k) for k in coll.swept] or ["run"]
-    head = cols + ["n", "final acc", "best acc", "trainable params", "MB sent", "wall s"] + (["epsilon"] if dp else [])
+    head = cols + ["n", "final acc", "best acc", "trainable params", "MB sent", "wall s"]
+    head += ["epsilon"] if dp else []
     lines = [f"# {coll.title}: results", ""]
     states: dict[str, int] = {}
     for r in coll.runs:
@@ -116,8 +117,9 @@ def results_md(coll: Collection) -> str:
         cells = values + [f"{r['n']}/{r['runs']}", r["final_acc"], r["best_acc"], r["trainable_params"],
                           r["mb_sent"], r["wall_s"]] + ([r["epsilon"]] if dp else [])
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± sample standard deviation over the finished runs (seeds) of each setting; n: finished "
-                  "runs / runs. MB sent: up + down, all clients, whole run. wall s: the rounds' wall time, summed."]
+    lines += ["", "Mean ± sample standard deviation over the finished runs (seeds) of each setting; "
+                  "n: finished runs / runs. MB sent: up + down, all clients, whole run. "
+                  "wall s: the rounds' wall time, summed."]
     unfinished = [r for r in coll.runs if not r.finished]
     if unfinished:
         lines += ["", "Not finished (not in the means):", ""]
