@@ -144,7 +144,8 @@ def _launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-task", type=_count(1), metavar="C", help="CPU cores per task")
     g.add_argument("--mem-gb", type=_positive_float, metavar="M", help="memory per node, GB")
     g.add_argument("--time", type=_count(1), metavar="MIN",
-                   help="time limit in minutes (default 60); the job requeues itself near it and resumes")
+                   help="time limit in minutes (default: 60 on SLURM, 7 days locally); near it the job "
+                        "requeues itself and resumes")
     g.add_argument("--partition", metavar="P")
     g.add_argument("--account", metavar="A")
     g.add_argument("--qos", metavar="Q")

@@ -32,12 +32,15 @@ def test_the_example_profile_loads_and_flags_override_it():
     q = with_flags(p, {"partition": "debug", "time": 30, "nodes": 2, "account": None})
     assert (q.partition, q.time_min, q.nodes, q.account) == ("debug", 30, 2, "my-project")
     assert load_profile(None) == ClusterProfile() and ClusterProfile().tasks == 1
+    assert ClusterProfile().limit_min("slurm") == 60 and ClusterProfile().limit_min("local") == 7 * 24 * 60
+    assert q.limit_min("local") == 30
 
 
 @pytest.mark.parametrize("text, words", [
     ("gpu_per_node: 4", "gpu_per_node: unknown key. Did you mean 'gpus_per_node'?"),
     ("gpus_per_node: four", "gpus_per_node: expected an integer"),
     ("time_min: 0", "time_min: must be >= 1"),
+    ("time_min: 1\nsignal_delay_s: 90", "signal_delay_s: 90 s is not shorter than the time limit (1 min)"),
     ("gpus_per_node: 4\ntasks_per_node: 2", "tasks_per_node must equal gpus_per_node"),
     ("setup: [1, 2]", "setup: setup and srun_args are lists of strings"),
 ])

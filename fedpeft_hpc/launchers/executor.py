@@ -44,7 +44,7 @@ def auto_parameters(profile: ClusterProfile, kind: str, name: str,
     if kind == "debug" and (profile.nodes > 1 or profile.tasks > 1):
         raise ConfigError("--tasks-per-node", "the debug executor runs one task in this process; "
                                               "use --executor local for several tasks")
-    params: dict[str, Any] = {"name": name, "timeout_min": profile.time_min, "nodes": profile.nodes,
+    params: dict[str, Any] = {"name": name, "timeout_min": profile.limit_min(kind), "nodes": profile.nodes,
                               "tasks_per_node": profile.tasks}
     if profile.gpus_per_node > 0:
         params["gpus_per_node"] = profile.gpus_per_node

@@ -31,8 +31,8 @@ class ClusterProfile:
                                              "threads per rank", min=1)
     mem_gb: Optional[float] = opt(None, "memory per node in GB (default: the partition's default)", min=0.0,
                                   min_exclusive=True)
-    time_min: int = opt(60, "time limit in minutes; near it the job checkpoints, requeues itself and resumes",
-                        min=1)
+    time_min: Optional[int] = opt(None, "time limit in minutes; near it the job requeues itself and resumes "
+                                        "(default: 60 on SLURM, 7 days with the local executor)", min=1)
     signal_delay_s: int = opt(90, "the requeue signal (SIGUSR2) comes this many seconds before the time limit",
                               min=1)
     max_requeues: int = opt(3, "how often a job may requeue itself after reaching its time limit "
@@ -43,6 +43,13 @@ class ClusterProfile:
     setup: list = opt(None, "shell lines run in the batch script before srun (module load ..., source "
                             "VENV/bin/activate)", factory=list)
 
+    def limit_min(self, executor: str) -> int:
+        """The time limit for ``executor``: the profile's, else 60 min on SLURM and 7 days locally (a local
+        job is restarted at its limit, which only costs the rounds since the last checkpoint)."""
+        if self.time_min is not None:
+            return self.time_min
+        return DEFAULT_TIME_MIN if executor == "slurm" else LOCAL_TIME_MIN
+
     @property
     def tasks(self) -> int:
         """Tasks (ranks) per node: one per GPU unless given."""
@@ -50,6 +57,9 @@ class ClusterProfile:
             return self.tasks_per_node
         return self.gpus_per_node if self.gpus_per_node > 0 else 1
 
+
+DEFAULT_TIME_MIN = 60
+LOCAL_TIME_MIN = 7 * 24 * 60
 
 # command-line flag -> profile field (flags override the profile)
 FLAG_FIELDS = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node",
@@ -106,9 +116,9 @@ def _check(p: ClusterProfile, where: str) -> None:
         raise ConfigError(f"{where}tasks_per_node",
                           f"{p.tasks_per_node} tasks with {p.gpus_per_node} GPUs per node: every rank uses one "
                           "GPU, so tasks_per_node must equal gpus_per_node (or be left out)")
-    if p.signal_delay_s >= 60 * p.time_min:
+    if p.signal_delay_s >= 60 * p.limit_min("slurm"):
         raise ConfigError(f"{where}signal_delay_s", f"{p.signal_delay_s} s is not shorter than the time limit "
-                                                    f"({p.time_min} min)")
+                                                    f"({p.limit_min('slurm')} min)")
     bad = [str(x) for x in p.setup if not isinstance(x, str)] + [str(x) for x in p.srun_args
                                                                  if not isinstance(x, str)]
     if bad:
