@@ -119,7 +119,11 @@ class Preflight:
         privacy = build_privacy(cfg, client_sizes=sizes, schedule=schedule, seed=cfg.seed,
                                 device=torch.device("cpu"))
         if cfg.privacy.mode == "sample":  # once per model; a failure is raised again for every run
-            self._once(_key("wrap", model_key), lambda: privacy.wrap_model(model.pop("model")))
+            def wrap() -> bool:
+                privacy.wrap_model(model.pop("model"))  # Opacus refuses what it cannot make private
+                return True  # keep neither the model nor its wrapper
+
+            self._once(_key("wrap", model_key), wrap)
         resumes = RunDir(cfg.run.dir, is_main=False).check(cfg) if run_dir else False
         counts = model["counts"]
         return Checked(trainable_params=counts["trainable_params"], total_params=counts["total_params"],

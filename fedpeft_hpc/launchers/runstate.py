@@ -56,6 +56,8 @@ def run_status(run_dir: Path, job: JobRef | None = None) -> RunStatus:
     done = int(rows[-1].get("round", 0)) if rows else 0
     ckpt = (run_dir / "checkpoints" / "latest.safetensors").is_file()
     summary = read_summary(run_dir)
+    if summary is not None and (job is None or outcome(job) == "success"):
+        return RunStatus("finished", done, ckpt, summary)  # its last job ended well: no scheduler query
     state_of_job = job_state(job) if job is not None else None
     if summary is not None and not is_active(state_of_job):
         return RunStatus("finished", done, ckpt, summary, state_of_job)

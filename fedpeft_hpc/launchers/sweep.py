@@ -94,9 +94,9 @@ def plan(spec: SweepSpec, out: Path, pre: Preflight) -> list[PlannedRun]:
             if status.state in ("finished", "queued", "running"):
                 diff = RunDir(run_dir, is_main=False).config_differences(cfg)
                 if diff:
-                    shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diff[:4])
+                    what = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diff[:4])
                     raise ConfigError(diff[0][0], f"{run_dir} holds a {status.state} run with another config "
-                                                  f"({shown}); use another --out for the changed sweep")
+                                                  f"({what}); use another --out for the changed sweep")
             # a failed run without a checkpoint starts afresh (its files are set aside first)
             check_dir = status.state in TO_RUN and not (status.state == "failed" and not status.checkpoint)
             pre.check(cfg, run_dir=check_dir)
