@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -137,25 +138,31 @@ def _assert_resumed_exactly(run_dir: Path, log: str, reference: Path, job: str) 
         json.loads((reference / "summary.json").read_text())["final_acc"]
 
 
-def test_submitted_job_requeued_at_its_time_limit_resumes_exactly(slurm, reference, tmp_path):
+def test_submitted_job_requeued_at_its_time_limit_resumes_exactly(slurm, reference, tmp_path, capsys, job_env):
     d = tmp_path / "requeued"
-    proc = subprocess.Popen([*CLI, "submit", str(QUICKSTART), f"run.dir={d}", *TINY, "--executor", "slurm",
-                             "--cpus-per-task", "1", "--time", "5", "--wait"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=REPO)
-    try:
-        head = ""
-        while "submitted slurm job" not in head:
-            line = proc.stdout.readline()
-            assert line, f"submit ended early: {proc.wait()} {proc.stderr.read()[-3000:]}"
-            head += line
-        job = re.search(r"submitted slurm job (\d+)", head).group(1)
-        # what SLURM sends `signal_delay_s` before the time limit (submitit's SlurmJob._interrupt(timeout=True))
-        _interrupt_and_release(job, d, ["scancel", "--signal=USR2", job])
-        out, err = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, f"{head}{out}\n{err[-3000:]}"
+    done: dict = {}
+
+    def submit_and_wait() -> None:  # `fedpeft-hpc submit --wait`, in a thread of this process
+        try:
+            done["rc"] = main(["submit", str(QUICKSTART), f"run.dir={d}", *TINY, "--executor", "slurm",
+                               "--cpus-per-task", "1", "--time", "5", "--wait"])
+        except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+            done["error"] = repr(e)
+
+    waiter = threading.Thread(target=submit_and_wait, daemon=True)
+    waiter.start()
+    deadline = time.monotonic() + 120
+    while not list((d / "slurm").glob("*_submitted.pkl")):
+        assert waiter.is_alive() and time.monotonic() < deadline, f"not submitted: {done} {capsys.readouterr()}"
+        time.sleep(0.1)
+    job = next((d / "slurm").glob("*_submitted.pkl")).name.split("_")[0]
+    # what SLURM sends `signal_delay_s` before the time limit (submitit's SlurmJob._interrupt(timeout=True))
+    _interrupt_and_release(job, d, ["scancel", "--signal=USR2", job])
+    waiter.join(timeout=240)
+    out = capsys.readouterr().out
+    assert not waiter.is_alive() and done.get("rc") == 0, f"{done}\n{out}"
+    assert f"submitted slurm job {job}" in out
+    assert out.strip().splitlines()[-2] == f"job {job}: COMPLETED"  # --wait followed it through the requeue
     logs = "".join(p.read_text() for p in sorted((d / "slurm").glob(f"{job}_0_log.*")))
     assert "Requeued job" in logs  # submitit's handler requeued it (not a restart from scratch)
     _assert_resumed_exactly(d, logs, reference, job)
