@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep file (YAML)")
     p.add_argument("--out", metavar="DIR", help="sweep directory (default: runs/NAME, NAME from the sweep file)")
     p.add_argument("--max-parallel", type=_count(1), metavar="N",
-                   help="runs at once: the SLURM array's concurrency limit (default: no limit), or local "
+                   help="runs at once: the SLURM array's concurrency limit (default: submitit's 256), or local "
                         "subprocesses (default 1)")
     _launch_args(p)
     p.add_argument("--wait", action="store_true", help="SLURM: follow the array until every run ended "
