@@ -1,4 +1,5 @@
-"""Command line: ``fedpeft-hpc {train,inspect,config,pretrain,quickstart} ...`` (same as ``python -m fedpeft_hpc``).
+"""Command line: ``fedpeft-hpc {train,inspect,config,pretrain,quickstart,submit,sweep,report} ...``
+(same as ``python -m fedpeft_hpc``).
 
 Bad input ends with a one-line message naming the key or file, exit status 2, and no
 traceback. Heavy imports happen inside the commands, so ``--help`` is instant.
@@ -98,6 +99,83 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return run_quickstart(out=args.out, methods=args.methods, overrides=args.overrides, config=args.config)
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from fedpeft_hpc.config import load_config
+    from fedpeft_hpc.launchers.profile import load_profile, with_flags
+    from fedpeft_hpc.launchers.submit import submit
+
+    cfg = load_config(args.config, args.overrides)
+    profile = with_flags(load_profile(args.cluster), vars(args))
+    return submit(cfg, profile, executor=args.executor, wait=args.wait, dry_run=args.dry_run)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedpeft_hpc.launchers.profile import load_profile, with_flags
+    from fedpeft_hpc.launchers.sweep import run_sweep
+    from fedpeft_hpc.launchers.sweep_spec import load_sweep
+
+    spec = load_sweep(args.sweep)
+    profile = with_flags(load_profile(args.cluster), vars(args))
+    out = Path(args.out) if args.out else Path("runs") / spec.name
+    return run_sweep(spec, out, args.executor, profile, args.max_parallel, dry_run=args.dry_run, wait=args.wait)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedpeft_hpc.report import write_report
+
+    paths, md = write_report(args.dir)
+    print(md)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _launch_args(p: argparse.ArgumentParser) -> None:
+    """Executor and resource flags shared by submit and sweep; they override the --cluster profile."""
+    p.add_argument("--executor", default="auto", choices=("auto", "slurm", "local", "debug"),
+                   help="slurm: sbatch through submitit; local: subprocesses on this machine; debug: in this "
+                        "process (pdb on errors); auto (default): slurm where srun exists, else local")
+    p.add_argument("--cluster", metavar="PROFILE.yaml",
+                   help="cluster profile: partition, account, GPUs, setup lines (see slurm/clusters/example.yaml)")
+    g = p.add_argument_group("resources (override the profile)")
+    g.add_argument("--nodes", type=_count(1), metavar="N", help="nodes per job")
+    g.add_argument("--gpus-per-node", type=_count(0), metavar="G", help="GPUs per node; one task (rank) per GPU")
+    g.add_argument("--tasks-per-node", type=_count(1), metavar="T",
+                   help="tasks (ranks) per node (default: G, or 1 without GPUs)")
+    g.add_argument("--cpus-per-task", type=_count(1), metavar="C", help="CPU cores per task")
+    g.add_argument("--mem-gb", type=_positive_float, metavar="M", help="memory per node, GB")
+    g.add_argument("--time", type=_count(1), metavar="MIN",
+                   help="time limit in minutes (default: 60 on SLURM, 7 days locally); near it the job "
+                        "requeues itself and resumes")
+    g.add_argument("--partition", metavar="P")
+    g.add_argument("--account", metavar="A")
+    g.add_argument("--qos", metavar="Q")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedpeft-hpc",
@@ -153,6 +231,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated PEFT methods (default: all six)")
     p.add_argument("--config", default=None, help="use this config instead of the embedded quickstart")
     p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser("submit", help="submit one training through submitit (SLURM, or the local executor)",
+                       description="Check the config fully (model, weights, data, partition, privacy, run.dir), "
+                                   "then submit it as one checkpointable submitit job: every task is one rank; "
+                                   "near its time limit or on preemption the job requeues itself and resumes "
+                                   "from checkpoints/latest.safetensors. Logs go to run.dir/slurm/. Prints the "
+                                   "job id, the log paths and the run directory.")
+    _config_args(p)
+    _launch_args(p)
+    p.add_argument("--wait", action="store_true",
+                   help="follow the job (through requeues); exit 0 once the run wrote summary.json, else 1")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the sbatch script (or local parameters) and the command; submit nothing")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("sweep", help="expand a sweep file (grid x zip x seeds) and run what is not done yet",
+                       description="Expand SWEEP.yaml (base, grid, zip, overrides, seeds) into named runs under "
+                                   "DIR, check every run's config before anything runs (a bad value exits 2 "
+                                   "naming the run and the key), write DIR/sweep.json, and run the runs that are "
+                                   "new, interrupted (resumed) or failed: on SLURM as one job array, locally at "
+                                   "most --max-parallel at a time. Finished and running runs are skipped.")
+    p.add_argument("sweep", help="sweep file (YAML)")
+    p.add_argument("--out", metavar="DIR", help="sweep directory (default: runs/NAME, NAME from the sweep file)")
+    p.add_argument("--max-parallel", type=_count(1), metavar="N",
+                   help="runs at once: the SLURM array's concurrency limit (default: submitit's 256), or local "
+                        "subprocesses (default 1)")
+    _launch_args(p)
+    p.add_argument("--wait", action="store_true", help="SLURM: follow the array until every run ended "
+                                                       "(local and debug always wait)")
+    p.add_argument("--dry-run", action="store_true", help="list every run with its state and what would be "
+                                                          "submitted; run nothing, write nothing")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="tables and plots of the runs in a sweep (or run) directory",
+                       description="Write DIR/results.csv (one row per run), DIR/results.md (one row per setting: "
+                                   "mean ± std over seeds, n), DIR/accuracy_vs_round.png and "
+                                   "DIR/accuracy_vs_bytes.png. DIR: a sweep directory, one run directory, or a "
+                                   "folder of run directories. Unfinished runs are listed as such.")
+    p.add_argument("dir", help="sweep directory (sweep.json), run directory, or folder of run directories")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,15 +1,39 @@
-"""Checks of a config against what it names, without training and without writing anything.
+"""Checks of a config against everything it names, without training and without writing anything.
 
-``check_names`` asks the registries (PEFT methods, datasets) about the names a config uses;
-it is cheap and runs for every command that takes a config. Deeper checks (weights, data
-files, privacy calibration) build the parts of a run: ``federated.engine.build_federation``.
+``check_names`` asks the registries (PEFT methods, datasets) about the names a config uses; it
+is cheap and runs for every command that takes a config.
+
+``Preflight.check`` goes all the way on a login node, before anything is submitted: a job that
+fails on its compute node an hour after submission (a typo in a dataset path, a checkpoint that
+does not fit, a privacy target that cannot be met) costs a queue wait, and a sweep with one bad
+value would cost that many times. It builds what the trainer builds before it opens the run
+directory (``federated.engine.build_federation``: the model with its weights, the datasets, the
+partition, the privacy calibration), checks that Opacus can wrap the model for DP-SGD, and runs
+the run directory's own checks read-only (``RunDir.check``), raising the same ``UserError`` s.
+
+Built pieces are memoised per distinct model and per distinct data, so a large grid over
+methods, learning rates and seeds builds each model and dataset once. A missing
+``model.checkpoint`` that ``model.pretrain_recipe`` would build is not built here (that would
+write): the model is checked without its weights and the job builds them. Datasets are never
+downloaded here (``data.download`` would write into ``data.root`` from the login node).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
 from fedpeft_hpc.config.schema import Config
-from fedpeft_hpc.data import DATASETS, get_builder
-from fedpeft_hpc.peft import get_method, registered_methods
+from fedpeft_hpc.data import DATASETS, DataBundle, build_datasets, get_builder
+from fedpeft_hpc.federated.engine import build_federation
+from fedpeft_hpc.models import BuiltModel, build_model
+from fedpeft_hpc.peft import count_params, get_method, registered_methods
+from fedpeft_hpc.runs.rundir import RunDir
+from fedpeft_hpc.utils.files import expand_path
 
 
 def check_names(cfg: Config) -> Config:
@@ -22,3 +46,81 @@ def check_names(cfg: Config) -> Config:
 def registry_choices() -> dict[str, list[str]]:
     """Allowed values of the keys whose names live in registries (for ``config keys``)."""
     return {"peft.method": registered_methods(), "data.name": sorted(DATASETS)}
+
+
+@dataclass
+class Checked:
+    """What the preflight learnt about one config."""
+
+    trainable_params: int
+    total_params: int
+    bytes_per_transfer: int
+    num_clients: int
+    resumes: bool  # the run directory holds a checkpoint this run will continue from
+    weights_built_by_job: bool  # model.pretrain_recipe will build model.checkpoint in the job
+
+
+def _key(*parts: Any) -> str:
+    return json.dumps(parts, sort_keys=True, default=str)
+
+
+def _recipe_pending(cfg: Config) -> bool:
+    m = cfg.model
+    return bool(m.pretrain_recipe and m.pretrained and m.checkpoint and not expand_path(m.checkpoint).is_file())
+
+
+class Preflight:
+    """Memoising checker; one instance per ``submit``/``sweep`` command."""
+
+    def __init__(self) -> None:
+        self._memo: dict[str, tuple[bool, Any]] = {}
+        self.builds: dict[str, int] = {"model": 0, "data": 0}  # how often something was really built
+
+    def _once(self, key: str, build: Callable[[], Any]) -> Any:
+        """``build()`` once per key; its result, or the same error again, for every later caller."""
+        if key not in self._memo:
+            try:
+                self._memo[key] = (True, build())
+            except Exception as e:
+                self._memo[key] = (False, e)
+        ok, value = self._memo[key]
+        if not ok:
+            raise value
+        return value
+
+    def _model(self, cfg: Config) -> tuple[str, BuiltModel]:
+        def build() -> BuiltModel:
+            self.builds["model"] += 1
+            return build_model(cfg.model, cfg.peft, cfg.seed, load_weights=not _recipe_pending(cfg))
+
+        # the head init depends on the seed, nothing that can fail does
+        key = _key("model", asdict(cfg.model), asdict(cfg.peft))
+        return key, self._once(key, build)
+
+    def _data(self, cfg: Config, built: BuiltModel) -> DataBundle:
+        def build() -> DataBundle:
+            self.builds["data"] += 1
+            return build_datasets(dataclasses.replace(cfg.data, download=False), built.image, cfg.seed)
+
+        return self._once(_key("data", asdict(cfg.data), asdict(built.image), cfg.seed), build)
+
+    def check(self, cfg: Config, run_dir: bool = True) -> Checked:
+        """Raise the ``UserError`` the training would raise before its first round; else describe it.
+
+        ``run_dir``: also check ``run.dir`` (resume policy, same config), read-only.
+        """
+        check_names(cfg)
+        model_key, built = self._model(cfg)
+        fed = build_federation(cfg, torch.device("cpu"), built=built, data=self._data(cfg, built))
+        if cfg.privacy.mode == "sample":  # once per model: Opacus refuses what it cannot make private
+            def wrap() -> bool:
+                fresh = build_model(cfg.model, cfg.peft, cfg.seed, load_weights=False).model
+                fed.privacy.wrap_model(fresh)
+                return True  # keep neither the model nor its wrapper
+
+            self._once(_key("wrap", model_key), wrap)
+        resumes = RunDir(cfg.run.dir, is_main=False).check(cfg) if run_dir else False
+        counts = count_params(built.model)
+        return Checked(trainable_params=counts["trainable_params"], total_params=counts["total_params"],
+                       bytes_per_transfer=counts["bytes_per_transfer"], num_clients=len(fed.client_indices),
+                       resumes=resumes, weights_built_by_job=_recipe_pending(cfg))

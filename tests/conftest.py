@@ -44,3 +44,11 @@ def pretrained_ckpt(tmp_path_factory) -> Path:
     cfg = load_config(QUICKSTART, [f"model.checkpoint={path}"])
     ensure_pretrained(cfg.model)
     return path
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A ready single-node SLURM for the tests marked with ``tests.slurm_support.SLURM_MARKS``."""
+    from tests.slurm_support import local_slurm
+
+    yield from local_slurm()

@@ -46,5 +46,5 @@ def test_train_cli_writes_the_run_and_prints_the_summary(tmp_path):
 def test_help_lists_the_commands():
     res = run_cli("--help")
     assert res.returncode == 0
-    for cmd in ("train", "inspect", "pretrain", "quickstart"):
+    for cmd in ("train", "inspect", "pretrain", "quickstart", "submit", "sweep", "report"):
         assert cmd in res.stdout

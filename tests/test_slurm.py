@@ -2,19 +2,15 @@
 
 `srun` starts 2 ranks that must reach the single-process result; an `sbatch` script launches
 the same training with `srun` inside, while its own shell (SLURM_NTASKS=2, no
-SLURM_STEP_NUM_TASKS) counts as one process. Needs root and the Debian SLURM packages, which
-`.ci/run` installs: in CI (CI set) their absence fails the tests instead of skipping them.
+SLURM_STEP_NUM_TASKS) counts as one process. They run in CI (where a missing SLURM fails them)
+or with FEDPEFT_TEST_SLURM=1, and skip otherwise: see tests/slurm_support.py.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import shlex
-import shutil
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -22,37 +18,13 @@ import pytest
 
 from fedpeft_hpc.runs.checkpoint import load_checkpoint
 from fedpeft_hpc.utils.files import read_jsonl
-from tests.conftest import QUICKSTART, REPO, subprocess_env
+from tests.conftest import QUICKSTART, REPO
+from tests.slurm_support import SLURM_MARKS, clean_env, wait_for_job
 
-SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-BINARIES = ("slurmctld", "slurmd", "srun", "sbatch", "sinfo", "scontrol", "munged")
-MISSING = [b for b in BINARIES if shutil.which(b, path=SBIN) is None]
-IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-if not IN_CI and not IS_ROOT:
-    _skip = "needs root to start munged/slurmctld/slurmd (in CI this is a failure)"
-elif not IN_CI and MISSING:
-    _skip = (f"SLURM is not installed (missing {' '.join(MISSING)}): apt-get install slurmctld slurmd "
-             "slurm-client munge, or bash slurm/start_local_slurm.sh --install (in CI this is a failure)")
-else:
-    _skip = ""
-
-pytestmark = [pytest.mark.multiproc, pytest.mark.skipif(bool(_skip), reason=_skip)]
+pytestmark = SLURM_MARKS
 
 OVERRIDES = ("run.progress=false", "run.threads=1", "fed.rounds=2", "fed.local_epochs=1",
              "model.pretrained=false", "peft.method=lora", "comm.timeout_s=60")
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def clean_env() -> dict:
-    """subprocess_env (PYTHONPATH=repo, OMP_NUM_THREADS=1) without an outer job's launcher variables."""
-    env = subprocess_env()
-    for k in list(env):
-        if k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_", "OMPI_", "PMI_")) or k in LAUNCHER_VARS:
-            del env[k]
-    env["PATH"] = SBIN
-    return env
 
 
 def train_args(run_dir: Path) -> list[str]:
@@ -64,21 +36,6 @@ def run(cmd: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
     assert res.returncode == 0, (f"{shlex.join(cmd)} exited {res.returncode}\n"
                                  f"{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
     return res
-
-
-@pytest.fixture(scope="module")
-def slurm():
-    """A ready single-node SLURM; the daemons this fixture started are stopped afterwards (not in CI,
-    whose machine is thrown away: stopping them takes ~5 s)."""
-    env = {k: v for k, v in clean_env().items() if not k.startswith("OMP_")}
-    res = subprocess.run(["bash", str(REPO / "slurm" / "start_local_slurm.sh")], capture_output=True,
-                         text=True, timeout=120, env=env)
-    assert res.returncode == 0, f"start_local_slurm.sh exited {res.returncode}\n{res.stdout}\n{res.stderr}"
-    started = re.findall(r"(munged|slurmctld|slurmd): started", res.stdout)
-    yield
-    if started and not IN_CI and not os.environ.get("FEDPEFT_KEEP_SLURM"):
-        subprocess.run(["bash", str(REPO / "slurm" / "stop_local_slurm.sh"), *started],
-                       capture_output=True, timeout=60, env=clean_env())
 
 
 @pytest.fixture(scope="module")
@@ -97,19 +54,6 @@ def assert_same_as_single(run_dir: Path, single: Path) -> None:
     assert [r["test_acc"] for r in rows] == [r["test_acc"] for r in ref_rows]
     assert len(rows) == 2
     assert all(r["world_size"] == 2 and r["allreduce_backend"] == "gloo" for r in rows), rows
-
-
-def wait_for_job(job: str, timeout: float) -> tuple[str, str]:
-    """Poll `scontrol show job` until the job ends (`sbatch --wait` polls every ~30 s, too slowly)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        info = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True,
-                              env=clean_env(), timeout=30).stdout
-        fields = dict(f.split("=", 1) for f in info.split() if "=" in f)
-        if fields.get("JobState", "PENDING") not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
-            return fields["JobState"], fields.get("ExitCode", "?")
-        assert time.monotonic() < deadline, f"job {job} still {fields.get('JobState')} after {timeout} s"
-        time.sleep(0.5)
 
 
 def test_srun_two_ranks_match_one_process(slurm, single, tmp_path):

@@ -57,10 +57,15 @@ class Federation:
     privacy: PrivacyMechanism
 
 
-def build_federation(cfg: Config, device: torch.device) -> Federation:
-    """Model (weights loaded), data, partition, schedule and privacy calibration; writes nothing."""
-    built = build_model(cfg.model, cfg.peft, cfg.seed)
-    data = build_datasets(cfg.data, built.image, cfg.seed)
+def build_federation(cfg: Config, device: torch.device, built: BuiltModel | None = None,
+                     data: DataBundle | None = None) -> Federation:
+    """Model (weights loaded), data, partition, schedule and privacy calibration; writes nothing.
+
+    ``built`` and ``data`` may be given when already built for this config (the preflight of a
+    sweep builds each distinct model and dataset once); they are not modified.
+    """
+    built = built if built is not None else build_model(cfg.model, cfg.peft, cfg.seed)
+    data = data if data is not None else build_datasets(cfg.data, built.image, cfg.seed)
     if data.num_classes > cfg.model.num_classes:
         raise ConfigError("model.num_classes", f"{cfg.model.num_classes} is fewer than the "
                                                f"{data.num_classes} classes of data.name={cfg.data.name}")

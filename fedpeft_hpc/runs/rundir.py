@@ -31,8 +31,9 @@ class RunDir:
         self.config_path = self.path / "config.yaml"
 
     # -- start / resume ---------------------------------------------------------------
-    def resume_point(self, cfg: Config) -> Checkpoint | None:
-        """Decide between a fresh start and a resume (reads only); the checkpoint to resume from."""
+    def check(self, cfg: Config) -> bool:
+        """Every check of a start or resume, reading only (``fedpeft-hpc submit``/``sweep`` run them
+        on the login node). Returns whether the run will resume from ``checkpoints/latest.safetensors``."""
         has_ckpt = self.latest.is_file()
         has_run = has_ckpt or self.metrics_path.is_file() or self.summary_path.is_file()
         mode = cfg.run.resume
@@ -44,10 +45,13 @@ class RunDir:
         if has_run and not has_ckpt:
             raise ConfigError("run.dir", f"{self.path} holds metrics of a run but no checkpoints/latest.safetensors "
                                          "to resume from; choose a new run.dir (nothing was overwritten)")
-        if not has_ckpt:
-            return None
-        self._check_same_run(cfg)
-        return load_checkpoint(self.latest)
+        if has_ckpt:
+            self._check_same_run(cfg)
+        return has_ckpt
+
+    def resume_point(self, cfg: Config) -> Checkpoint | None:
+        """Decide between a fresh start and a resume (reads only); the checkpoint to resume from."""
+        return load_checkpoint(self.latest) if self.check(cfg) else None
 
     def start(self, cfg: Config, ckpt: Checkpoint | None) -> None:
         """Write the resolved config; on resume, drop metrics rows after the checkpoint's round
@@ -61,22 +65,27 @@ class RunDir:
             rows = [r for r in read_jsonl(self.metrics_path) if r.get("round", 0) <= ckpt.round]
             atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
 
-    def _check_same_run(self, cfg: Config) -> None:
+    def config_differences(self, cfg: Config) -> list[tuple[str, object, object]]:
+        """``(key, saved, new)`` for every key where ``cfg`` differs from the saved ``config.yaml``,
+        ignoring the keys a resume may change (``run.*``, ``comm.*``, paths). Empty without a saved config."""
         import yaml
 
         if not self.config_path.is_file():
-            return
+            return []
         try:
             old = dotted(yaml.safe_load(self.config_path.read_text()) or {})
         except yaml.YAMLError:
             raise UserError(f"{self.config_path} is not valid YAML; cannot check the resumed run") from None
         new = dotted(to_dict(cfg))
-        diff = sorted(k for k in set(old) | set(new)
-                      if not k.startswith(_RESUME_FREE) and old.get(k) != new.get(k))
+        return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                if not k.startswith(_RESUME_FREE) and old.get(k) != new.get(k)]
+
+    def _check_same_run(self, cfg: Config) -> None:
+        diff = self.config_differences(cfg)
         if diff:
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
-            raise ConfigError(diff[0], f"{self.path} holds a run with a different config ({shown}); "
-                                       "choose a new run.dir or use the same config to resume")
+            shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diff[:6])
+            raise ConfigError(diff[0][0], f"{self.path} holds a run with a different config ({shown}); "
+                                          "choose a new run.dir or use the same config to resume")
 
     def log_path(self, rank: int) -> Path:
         """``train.log`` for rank 0, ``train.rank<N>.log`` for the others."""

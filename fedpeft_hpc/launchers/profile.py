@@ -1,0 +1,125 @@
+"""Cluster profiles: where a job runs and with what (partition, account, GPUs, setup lines).
+
+A profile is a small YAML file (``slurm/clusters/example.yaml`` documents every field) so one
+training config can go to different clusters unchanged. ``submit``/``sweep`` flags override
+single fields (``--partition``, ``--time``, ...). The merged profile becomes submitit
+parameters in ``launchers.executor``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from fedpeft_hpc.config.schema import opt
+from fedpeft_hpc.errors import ConfigError, UserError
+
+
+@dataclass
+class ClusterProfile:
+    partition: Optional[str] = opt(None, "sbatch --partition (default: the cluster's default partition)")
+    account: Optional[str] = opt(None, "sbatch --account: the allocation the job is charged to")
+    qos: Optional[str] = opt(None, "sbatch --qos: quality of service")
+    constraint: Optional[str] = opt(None, "sbatch --constraint: required node features, e.g. a100")
+    nodes: int = opt(1, "nodes per job", min=1)
+    gpus_per_node: int = opt(0, "GPUs per node; one task (rank) runs per GPU", min=0)
+    tasks_per_node: Optional[int] = opt(None, "tasks (ranks) per node; default: gpus_per_node, or 1 on CPU "
+                                              "nodes", min=1)
+    cpus_per_task: Optional[int] = opt(None, "CPU cores per task; with run.threads=0 also the training's "
+                                             "threads per rank", min=1)
+    mem_gb: Optional[float] = opt(None, "memory per node in GB (default: the partition's default)", min=0.0,
+                                  min_exclusive=True)
+    time_min: Optional[int] = opt(None, "time limit in minutes; near it the job requeues itself and resumes "
+                                        "(default: 60 on SLURM, 7 days with the local executor)", min=1)
+    signal_delay_s: int = opt(90, "the requeue signal (SIGUSR2) comes this many seconds before the time limit",
+                              min=1)
+    max_requeues: int = opt(3, "how often a job may requeue itself after reaching its time limit "
+                               "(preemptions do not count)", min=0)
+    sbatch: dict = opt(None, "extra sbatch options {name: value}, e.g. {exclusive: true, mail-type: END}",
+                       factory=dict)
+    srun_args: list = opt(None, "extra arguments of the srun that starts the tasks", factory=list)
+    setup: list = opt(None, "shell lines run in the batch script before srun (module load ..., source "
+                            "VENV/bin/activate)", factory=list)
+
+    def limit_min(self, executor: str) -> int:
+        """The time limit for ``executor``: the profile's, else 60 min on SLURM and 7 days locally (a local
+        job is restarted at its limit, which only costs the rounds since the last checkpoint)."""
+        if self.time_min is not None:
+            return self.time_min
+        return DEFAULT_TIME_MIN if executor == "slurm" else LOCAL_TIME_MIN
+
+    @property
+    def tasks(self) -> int:
+        """Tasks (ranks) per node: one per GPU unless given."""
+        if self.tasks_per_node is not None:
+            return self.tasks_per_node
+        return self.gpus_per_node if self.gpus_per_node > 0 else 1
+
+
+DEFAULT_TIME_MIN = 60
+LOCAL_TIME_MIN = 7 * 24 * 60
+
+# command-line flag -> profile field (flags override the profile)
+FLAG_FIELDS = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_node": "tasks_per_node",
+               "cpus_per_task": "cpus_per_task", "mem_gb": "mem_gb", "time": "time_min",
+               "partition": "partition", "account": "account", "qos": "qos"}
+
+
+def load_profile(path: str | Path | None) -> ClusterProfile:
+    """The profile in ``path`` (YAML); ``None`` gives the defaults. Errors name the file and the key."""
+    import yaml
+
+    from fedpeft_hpc.config.load import _build
+
+    if path is None:
+        return ClusterProfile()
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--cluster: cluster profile {p} does not exist (see slurm/clusters/example.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"cluster profile {p} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"cluster profile {p} must hold a mapping of fields (partition, gpus_per_node, ...)")
+    try:
+        profile = _build(ClusterProfile, data)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e.key}", str(e)[len(e.key) + 2:]) from None
+    _check(profile, where=f"{p}: ")
+    return profile
+
+
+def with_flags(profile: ClusterProfile, flags: Mapping[str, Any]) -> ClusterProfile:
+    """``profile`` with every flag that was given (not None) in its place, checked again."""
+    from fedpeft_hpc.config.load import _check_meta
+
+    changes = {}
+    fields = {f.name: f for f in dataclasses.fields(ClusterProfile)}
+    for flag, name in FLAG_FIELDS.items():
+        value = flags.get(flag)
+        if value is None:
+            continue
+        _check_meta(f"--{flag.replace('_', '-')}", value, fields[name].metadata)
+        changes[name] = value
+    merged = dataclasses.replace(profile, **changes)
+    _check(merged, where="")
+    return merged
+
+
+def _check(p: ClusterProfile, where: str) -> None:
+    if p.gpus_per_node > 0 and p.tasks_per_node is not None and p.tasks_per_node != p.gpus_per_node:
+        raise ConfigError(f"{where}tasks_per_node",
+                          f"{p.tasks_per_node} tasks with {p.gpus_per_node} GPUs per node: every rank uses one "
+                          "GPU, so tasks_per_node must equal gpus_per_node (or be left out)")
+    if p.signal_delay_s >= 60 * p.limit_min("slurm"):
+        raise ConfigError(f"{where}signal_delay_s", f"{p.signal_delay_s} s is not shorter than the time limit "
+                                                    f"({p.limit_min('slurm')} min)")
+    bad = [str(x) for x in p.setup if not isinstance(x, str)] + [str(x) for x in p.srun_args
+                                                                 if not isinstance(x, str)]
+    if bad:
+        raise ConfigError(f"{where}setup", f"setup and srun_args are lists of strings, got {bad[:3]}")

@@ -1,0 +1,135 @@
+"""``results.csv`` (one row per run) and ``results.md`` (one row per setting, mean +- std over seeds).
+
+Every run is a row of the CSV whatever its state; a setting's means use its finished runs only,
+its ``n`` column says how many of its runs that is, and the unfinished ones are listed under the
+table with their state and progress.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from statistics import mean, stdev
+
+from fedpeft_hpc.report.collect import Collection, RunRecord
+
+RESULT_FIELDS = ("seed", "state", "rounds_done", "rounds", "final_acc", "best_acc", "trainable_params", "mb_sent",
+                 "wall_s", "epsilon")
+
+
+def run_row(rec: RunRecord) -> dict:
+    """One run's numbers: from ``summary.json`` when finished, progress so far otherwise."""
+    s = rec.status.summary if rec.finished else None
+    last = rec.metrics[-1] if rec.metrics else {}
+    if s is not None:
+        bytes_total = s.get("bytes_total")
+    elif last:
+        bytes_total = last.get("bytes_up_total", 0) + last.get("bytes_down_total", 0)
+    else:
+        bytes_total = None
+    source = s if s is not None else last
+    eps = math.inf if source.get("epsilon_unbounded") else source.get("epsilon")  # zero noise: no bound
+    return {"name": rec.name, **rec.setting, "seed": rec.seed, "state": rec.status.state,
+            "rounds_done": rec.status.rounds_done, "rounds": rec.rounds,
+            "final_acc": s.get("final_acc") if s else None, "best_acc": s.get("best_acc") if s else None,
+            "trainable_params": s.get("trainable_params") if s else None,
+            "mb_sent": bytes_total / 1e6 if bytes_total is not None else None,
+            "wall_s": sum(float(r.get("wall_s", 0.0)) for r in rec.metrics) if rec.metrics else None,
+            "epsilon": eps}
+
+
+def results_csv(coll: Collection) -> str:
+    fields = ["name", *coll.swept, *RESULT_FIELDS]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    for rec in coll.runs:
+        row = run_row(rec)
+        w.writerow({k: _csv_value(row.get(k)) for k in fields})
+    return buf.getvalue()
+
+
+def _csv_value(v):
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, dict)):
+        import json
+
+        return json.dumps(v)
+    return v
+
+
+def _stats(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (``None`` with fewer than two values)."""
+    return mean(values), (stdev(values) if len(values) > 1 else None)
+
+
+def _mean_std(values: list, digits: int = 4) -> str:
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(float(v))]
+    if not vals:
+        return "–"
+    if any(math.isinf(v) for v in vals):
+        return "inf"
+    m, s = _stats(vals)
+    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _mean(values: list, fmt: str) -> str:
+    vals = [float(v) for v in values if isinstance(v, (int, float))]
+    return format(mean(vals), fmt) if vals else "–"
+
+
+def setting_rows(coll: Collection) -> list[dict]:
+    """Per setting: its values, ``n``, and the aggregated columns (strings, ready for the table)."""
+    rows = []
+    for name, recs in coll.settings().items():
+        done = [run_row(r) for r in recs if r.finished]
+        rows.append({
+            "setting": name, "values": recs[0].setting, "n": len(done), "runs": len(recs),
+            "final_acc": _mean_std([r["final_acc"] for r in done]),
+            "best_acc": _mean_std([r["best_acc"] for r in done]),
+            "trainable_params": _mean([r["trainable_params"] for r in done], ",.0f"),
+            "mb_sent": _mean([r["mb_sent"] for r in done], ",.2f"),
+            "wall_s": _mean([r["wall_s"] for r in done], ".1f"),
+            "epsilon": _mean_std([r["epsilon"] for r in done], 3),
+            "has_epsilon": any(r["epsilon"] is not None for r in done),
+        })
+    return rows
+
+
+def results_md(coll: Collection) -> str:
+    rows = setting_rows(coll)
+    dp = any(r["has_epsilon"] for r in rows)
+    cols = [coll.short.get(k, k) for k in coll.swept] or ["run"]
+    head = cols + ["n", "final acc", "best acc", "trainable params", "MB sent", "wall s"]
+    head += ["epsilon"] if dp else []
+    lines = [f"# {coll.title}: results", ""]
+    states: dict[str, int] = {}
+    for r in coll.runs:
+        states[r.status.state] = states.get(r.status.state, 0) + 1
+    lines.append(f"{len(coll.runs)} runs: " + ", ".join(f"{n} {s}" for s, n in states.items()) + ".")
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        values = [_cell(r["values"].get(k)) for k in coll.swept] or [r["setting"]]
+        cells = values + [f"{r['n']}/{r['runs']}", r["final_acc"], r["best_acc"], r["trainable_params"],
+                          r["mb_sent"], r["wall_s"]] + ([r["epsilon"]] if dp else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± sample standard deviation over the finished runs (seeds) of each setting; "
+                  "n: finished runs / runs. MB sent: up + down, all clients, whole run. "
+                  "wall s: the rounds' wall time, summed."]
+    unfinished = [r for r in coll.runs if not r.finished]
+    if unfinished:
+        lines += ["", "Not finished (not in the means):", ""]
+        for r in unfinished:
+            of = f" of {r.rounds}" if r.rounds else ""
+            lines.append(f"- `{r.name}`: {r.status.state}, {r.status.rounds_done} round(s){of} done")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) for x in v)
+    return "null" if v is None else str(v)
