@@ -71,10 +71,16 @@ def test_resolved_config_round_trips():
 
 
 def test_every_shipped_config_loads():
-    files = sorted((REPO / "configs").rglob("*.yaml"))
+    files = sorted(f for f in (REPO / "configs").rglob("*.yaml") if "sweeps" not in f.parts)
     assert len(files) >= 10
     for f in files:
         load_config(f)
+    from fedpeft_hpc.launchers.sweep_spec import load_sweep
+
+    sweeps = sorted((REPO / "configs" / "sweeps").rglob("*.yaml"))
+    assert sweeps
+    for f in sweeps:
+        load_sweep(f)
 
 
 def test_base_files_are_loaded_first_and_overridden(tmp_path):

@@ -18,6 +18,7 @@ import yaml
 
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.errors import ConfigError, UserError
+from fedpeft_hpc.utils.files import read_yaml_mapping
 from fedpeft_hpc.utils.hints import did_you_mean
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True,
@@ -115,7 +116,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(key, f"unsupported type {tp}")  # pragma: no cover - schema bug
 
 
-def _check_meta(key: str, value: Any, meta: dict) -> None:
+def check_value(key: str, value: Any, meta: dict) -> None:
+    """``value`` against a field's metadata (``schema.opt``): allowed values and bounds."""
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         shown = ", ".join("null" if c is None else str(c) for c in choices)
@@ -138,7 +140,10 @@ def _check_meta(key: str, value: Any, meta: dict) -> None:
         raise ConfigError(key, f"must be <= {hi}, got {value}")
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def build_dataclass(cls, data: dict, prefix: str = ""):
+    """An instance of the dataclass ``cls`` (whose fields come from ``schema.opt``) from a mapping:
+    unknown keys refused, every value coerced to its declared type and checked. Errors name
+    ``prefix`` + the key."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -153,12 +158,12 @@ def _build(cls, data: dict, prefix: str = ""):
         key = prefix + name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data.get(name), key + ".")
+            kwargs[name] = build_dataclass(tp, data.get(name), key + ".")
             continue
         if name not in data:
             continue
         value = _coerce(key, data[name], tp)
-        _check_meta(key, value, f.metadata)
+        check_value(key, value, f.metadata)
         kwargs[name] = value
     return cls(**kwargs)
 
@@ -191,20 +196,6 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return data
 
 
-def _read_one(p: Path) -> dict:
-    if not p.is_file():
-        raise UserError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {p} is not valid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file {p} must hold a mapping of sections (seed, run, model, ...)")
-    return data
-
-
 def merge(base: dict, over: dict) -> dict:
     """``over`` on top of ``base``: sections merge key by key, any other value replaces."""
     out = dict(base)
@@ -226,7 +217,7 @@ def read_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
     if real in _chain:
         cycle = " -> ".join(str(c) for c in (*_chain, real))
         raise UserError(f"config file {p}: its base: files form a cycle ({cycle})")
-    data = _read_one(p)
+    data = read_yaml_mapping(p, "config file", "sections (seed, run, model, ...)")
     base = data.pop("base", None)
     if base is None:
         return data
@@ -241,7 +232,7 @@ def read_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
 
 
 def from_dict(data: dict) -> Config:
-    cfg = _build(Config, data)
+    cfg = build_dataclass(Config, data)
     validate(cfg)
     return cfg
 

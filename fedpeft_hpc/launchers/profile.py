@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional
 
 from fedpeft_hpc.config.schema import opt
 from fedpeft_hpc.errors import ConfigError, UserError
+from fedpeft_hpc.utils.files import read_yaml_mapping
 
 
 @dataclass
@@ -69,25 +70,16 @@ FLAG_FIELDS = {"nodes": "nodes", "gpus_per_node": "gpus_per_node", "tasks_per_no
 
 def load_profile(path: str | Path | None) -> ClusterProfile:
     """The profile in ``path`` (YAML); ``None`` gives the defaults. Errors name the file and the key."""
-    import yaml
-
-    from fedpeft_hpc.config.load import _build
+    from fedpeft_hpc.config.load import build_dataclass
 
     if path is None:
         return ClusterProfile()
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"--cluster: cluster profile {p} does not exist (see slurm/clusters/example.yaml)")
+        raise UserError(f"--cluster: cluster profile {path} does not exist (see slurm/clusters/example.yaml)")
+    data = read_yaml_mapping(p, "cluster profile", "fields (partition, gpus_per_node, ...)")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"cluster profile {p} is not valid YAML: {e}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UserError(f"cluster profile {p} must hold a mapping of fields (partition, gpus_per_node, ...)")
-    try:
-        profile = _build(ClusterProfile, data)
+        profile = build_dataclass(ClusterProfile, data)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e.key}", str(e)[len(e.key) + 2:]) from None
     _check(profile, where=f"{p}: ")
@@ -96,7 +88,7 @@ def load_profile(path: str | Path | None) -> ClusterProfile:
 
 def with_flags(profile: ClusterProfile, flags: Mapping[str, Any]) -> ClusterProfile:
     """``profile`` with every flag that was given (not None) in its place, checked again."""
-    from fedpeft_hpc.config.load import _check_meta
+    from fedpeft_hpc.config.load import check_value
 
     changes = {}
     fields = {f.name: f for f in dataclasses.fields(ClusterProfile)}
@@ -104,7 +96,7 @@ def with_flags(profile: ClusterProfile, flags: Mapping[str, Any]) -> ClusterProf
         value = flags.get(flag)
         if value is None:
             continue
-        _check_meta(f"--{flag.replace('_', '-')}", value, fields[name].metadata)
+        check_value(f"--{flag.replace('_', '-')}", value, fields[name].metadata)
         changes[name] = value
     merged = dataclasses.replace(profile, **changes)
     _check(merged, where="")

@@ -32,6 +32,7 @@ from typing import Any
 
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.errors import ConfigError, UserError
+from fedpeft_hpc.utils.files import read_yaml_mapping
 
 KEYS = ("base", "name", "grid", "zip", "overrides", "seeds")
 MAX_TOKEN = 40
@@ -175,17 +176,8 @@ def _flatten(where: str, mapping: Any, prefix: str = "") -> dict[str, Any]:
 
 def load_sweep(path: str | Path) -> SweepSpec:
     """Read and check a sweep file. Errors name the file and the key."""
-    import yaml
-
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"sweep file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"sweep file {p} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"sweep file {p} must hold a mapping with keys {', '.join(KEYS)}")
+    data = read_yaml_mapping(p, "sweep file", f"keys {', '.join(KEYS)}")
     unknown = [k for k in data if k not in KEYS]
     if unknown:
         raise ConfigError(f"{p}: {unknown[0]}", f"unknown sweep key; valid: {', '.join(KEYS)}")

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedpeft_hpc.config.load import dotted
 from fedpeft_hpc.errors import UserError
 from fedpeft_hpc.launchers.jobstate import JobRef
 from fedpeft_hpc.launchers.runstate import RunStatus, run_status
@@ -71,21 +72,12 @@ def _load_yaml(path: Path) -> dict:
         return {}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
 
 def _record(name: str, setting: dict, setting_name: str, seed, run_dir: Path, job: JobRef | None,
             rounds: int | None) -> RunRecord:
     status = run_status(run_dir, job)
     if rounds is None:
-        rounds = _flat(_load_yaml(run_dir / "config.yaml")).get("fed.rounds")
+        rounds = dotted(_load_yaml(run_dir / "config.yaml")).get("fed.rounds")
     return RunRecord(name, setting, setting_name, seed, run_dir, status, rounds,
                      read_jsonl(run_dir / "metrics.jsonl"))
 
@@ -95,7 +87,7 @@ def collect(path: Path) -> Collection:
     if (path / "sweep.json").is_file():
         return _from_sweep(path)
     if (path / "config.yaml").is_file():
-        cfg = _flat(_load_yaml(path / "config.yaml"))
+        cfg = dotted(_load_yaml(path / "config.yaml"))
         rec = _record(path.name, {}, path.name, cfg.get("seed"), path, None, cfg.get("fed.rounds"))
         return Collection(path.name, [], {}, [rec])
     children = sorted(p for p in path.iterdir() if (p / "config.yaml").is_file()) if path.is_dir() else []
@@ -122,7 +114,7 @@ def _from_sweep(path: Path) -> Collection:
 def _from_folder(path: Path, children: list[Path]) -> Collection:
     from fedpeft_hpc.launchers.sweep_spec import short_names, value_token
 
-    configs = {c: _flat(_load_yaml(c / "config.yaml")) for c in children}
+    configs = {c: dotted(_load_yaml(c / "config.yaml")) for c in children}
     keys = sorted(set().union(*configs.values()))
     swept = [k for k in keys if k != "seed" and not k.startswith("run.")
              and len({json.dumps(cfg.get(k), sort_keys=True, default=str) for cfg in configs.values()}) > 1]

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from fedpeft_hpc.errors import UserError
+
 
 def expand_path(path: str | os.PathLike) -> Path:
     """``~`` and ``$VARS`` expanded (cluster paths such as ``$SCRATCH/cifar`` or ``/data/rank$LOCAL_RANK``)."""
@@ -93,6 +95,29 @@ def append_line(path: Path, line: str) -> None:
         f.write(line.rstrip("\n") + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str) -> dict:
+    """The mapping held by the YAML file ``path`` (an empty file is an empty mapping).
+
+    ``what`` names the file's role in errors ("config file", "sweep file", ...), ``expected``
+    says what the mapping should hold. A missing file, bad YAML or anything but a mapping is a
+    ``UserError`` that names the file.
+    """
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {p} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {p} must hold a mapping of {expected}")
+    return data
 
 
 def read_jsonl(path: Path) -> list[dict]:
