@@ -71,10 +71,17 @@ def test_resolved_config_round_trips():
 
 
 def test_every_shipped_config_loads():
+    """Training configs load; sweep files (any file below a ``sweeps/`` folder) load as sweeps."""
+    from fedpeft_hpc.launchers.sweep_spec import load_sweep
+
     files = sorted((REPO / "configs").rglob("*.yaml"))
-    assert len(files) >= 10
-    for f in files:
+    configs = [f for f in files if "sweeps" not in f.relative_to(REPO).parts]
+    sweeps = [f for f in files if "sweeps" in f.relative_to(REPO).parts]
+    assert len(configs) >= 5 and len(sweeps) >= 9
+    for f in configs:
         load_config(f)
+    for f in sweeps:
+        load_sweep(f)
 
 
 def test_base_files_are_loaded_first_and_overridden(tmp_path):
