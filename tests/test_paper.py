@@ -227,3 +227,31 @@ def test_one_run_of_every_recipe_family_completes_a_round_on_stand_in_data(name,
         assert 0 < summary["epsilon"] <= recipe.privacy.target_epsilon
     else:
         assert "epsilon" not in row
+
+
+# -- the GPU-hours estimate (tools/gpu_hours.py) ------------------------------------------------
+def _gpu_hours_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_hours", REPO / "tools" / "gpu_hours.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_hours_count_the_images_every_run_trains_and_evaluates():
+    tool = _gpu_hours_tool()
+    work = {w["run"]: w for w in tool.sweep_workload(SWEEPS / "cifar100_methods.yaml")}
+    main_run = work["partition=iid_method=bias_lr=0.01_clients_per_round=8_seed=42"]
+    # 50 rounds x 8 clients x 10 epochs x 50,000 / 64 images; 50 evaluations of 10,000 test images
+    assert (main_run["trained"], main_run["evaluated"], main_run["dp"]) == (3_125_000, 500_000, False)
+    assert work["partition=iid_method=full_lr=0.001_clients_per_round=1_seed=42"]["trained"] == 3_125_000 / 8
+    dropout = tool.sweep_workload(SWEEPS / "cifar100_dropout.yaml")
+    assert {w["trained"] for w in dropout} == {3_125_000 / 2}  # half of the sampled clients return
+    low = {w["run"]: w for w in tool.sweep_workload(SWEEPS / "pcam_lowdata.yaml")}
+    assert low["max_train_samples=1000_method=lora_lr=0.005_seed=3407"]["trained"] == 50 * 8 * 10 * 1000 / 64
+    assert all(w["dp"] for w in tool.sweep_workload(SWEEPS / "cifar100_dp.yaml"))
+    seconds = {m: {"train_image_s": 1e-3, "eval_image_s": 1e-4} for m in METHODS}
+    runs = [main_run, work["partition=iid_method=full_lr=0.001_clients_per_round=4_seed=42"]]
+    assert tool.gpu_hours(runs, seconds) == pytest.approx((3_125_000 * 1.5 * 1e-3 + 2 * 500_000 * 1e-4) / 3600)
+    assert tool.gpu_hours(runs + [{**main_run, "dp": True}], seconds) is None  # DP not measured: no number
