@@ -16,6 +16,8 @@ Opacus wrap, and the run-directory checks.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -255,3 +257,20 @@ def test_gpu_hours_count_the_images_every_run_trains_and_evaluates():
     runs = [main_run, work["partition=iid_method=full_lr=0.001_clients_per_round=4_seed=42"]]
     assert tool.gpu_hours(runs, seconds) == pytest.approx((3_125_000 * 1.5 * 1e-3 + 2 * 500_000 * 1e-4) / 3600)
     assert tool.gpu_hours(runs + [{**main_run, "dp": True}], seconds) is None  # DP not measured: no number
+
+
+def test_pivot_of_results_csv_averages_finished_seeds_per_cell(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("name,peft.method,data.partition,seed,state,final_acc,mb_sent\n"
+                    "a,bias,iid,1,finished,0.5,1.0\na,bias,iid,2,finished,0.7,1.0\n"
+                    "b,bias,dirichlet,1,finished,0.4,1.0\nb,bias,dirichlet,2,failed,,\n"
+                    "c,full,iid,1,finished,0.9,50.0\nc,full,iid,2,finished,0.9,50.0\n")
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "pivot_results.py"), str(path), "--rows",
+                          "peft.method", "--cols", "data.partition", "--value", "final_acc"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[2:6] == ["| peft.method | iid | dirichlet |", "|---|---|---|",
+                                           "| bias | 0.600 ± 0.141 | 0.400 (n=1/2) |", "| full | 0.900 ± 0.000 |  |"]
+    bad = subprocess.run([sys.executable, str(REPO / "tools" / "pivot_results.py"), str(path), "--rows", "method",
+                          "--cols", "data.partition", "--value", "final_acc"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "method" in bad.stderr and "peft.method" in bad.stderr
