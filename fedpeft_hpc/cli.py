@@ -125,7 +125,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from fedpeft_hpc.report import write_report
 
-    paths, md = write_report(args.dir)
+    panels = [k.strip() for k in (args.panels or "").split(",") if k.strip()]
+    paths, md = write_report(args.dir, panels)
     print(md)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -270,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "DIR/accuracy_vs_bytes.png. DIR: a sweep directory, one run directory, or a "
                                    "folder of run directories. Unfinished runs are listed as such.")
     p.add_argument("dir", help="sweep directory (sweep.json), run directory, or folder of run directories")
+    p.add_argument("--panels", metavar="KEY[,KEY]",
+                   help="plots: one panel per combination of these swept keys' values (e.g. "
+                        "data.partition,privacy.mode; short names work too); the lines of a panel are the "
+                        "other settings")
     p.set_defaults(func=cmd_report)
     return parser
 

@@ -71,14 +71,15 @@ def test_resolved_config_round_trips():
 
 
 def test_every_shipped_config_loads():
-    files = sorted(f for f in (REPO / "configs").rglob("*.yaml") if "sweeps" not in f.parts)
-    assert len(files) >= 10
-    for f in files:
-        load_config(f)
+    """Training configs load; sweep files (any file below a ``sweeps/`` folder) load as sweeps."""
     from fedpeft_hpc.launchers.sweep_spec import load_sweep
 
-    sweeps = sorted((REPO / "configs" / "sweeps").rglob("*.yaml"))
-    assert sweeps
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    configs = [f for f in files if "sweeps" not in f.relative_to(REPO).parts]
+    sweeps = [f for f in files if "sweeps" in f.relative_to(REPO).parts]
+    assert len(configs) >= 5 and len(sweeps) >= 9
+    for f in configs:
+        load_config(f)
     for f in sweeps:
         load_sweep(f)
 
@@ -92,6 +93,12 @@ def test_base_files_are_loaded_first_and_overridden(tmp_path):
     cfg = load_config(tmp_path / "sub" / "top.yaml", ["fed.clients_per_round=4"])
     assert (cfg.seed, cfg.fed.rounds, cfg.fed.num_clients, cfg.fed.clients_per_round) == (1, 5, 20, 4)
     assert cfg.model.kwargs == {"depth": 3}  # kwargs describe one architecture: replaced whole, not merged
+
+
+def test_a_sweep_file_given_as_a_config_says_so(tmp_path):
+    sweep = REPO / "configs" / "sweeps" / "quickstart_methods.yaml"
+    with pytest.raises(UserError, match="is a sweep file .*fedpeft-hpc sweep"):
+        load_config(sweep)
 
 
 def test_base_errors_name_the_file(tmp_path):

@@ -150,3 +150,45 @@ def test_a_folder_of_runs_is_grouped_by_the_keys_that_differ(tmp_path):
 def test_a_directory_without_runs_is_a_user_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "is not a sweep directory" in capsys.readouterr().err
+
+
+@pytest.fixture
+def grid_dir(tmp_path) -> Path:
+    """partition x method, one seed each: four settings."""
+    out = tmp_path / "grid"
+    runs = {}
+    for part in ("iid", "dirichlet"):
+        for method, acc in (("bias", 0.6), ("full", 0.7)):
+            name = f"partition={part}_method={method}_seed=1"
+            make_run(out / name, seed=1, accs=[acc - 0.1, acc], rounds=2, method=method)
+            runs[name] = {"dir": name, "setting": {"data.partition": part, "peft.method": method},
+                          "setting_name": name.rsplit("_seed", 1)[0], "seed": 1, "rounds": 2, "job": None}
+    (out / "sweep.json").write_text(json.dumps({
+        "format": "fedpeft-hpc-sweep/1", "name": "grid", "swept": ["data.partition", "peft.method"],
+        "short_names": {"data.partition": "partition", "peft.method": "method"}, "runs": runs}))
+    return out
+
+
+def test_panels_split_the_plots_by_a_swept_key(grid_dir, tmp_path):
+    coll = collect(grid_dir)
+    for plot in (plot_accuracy_vs_bytes, plot_accuracy_vs_round):
+        fig = plot(coll, tmp_path / "p.png", ["partition"])  # short names work
+        axes = [ax for ax in fig.axes if ax.get_visible()]
+        assert [ax.get_title() for ax in axes] == ["partition=iid", "partition=dirichlet"]
+        for ax in axes:  # inside a panel only the method differs
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == ["method=bias (n=1)", "method=full (n=1)"]
+        assert "grid" in fig.get_suptitle()
+        assert axes[0].get_shared_y_axes().joined(axes[0], axes[1])
+    fig = plot_accuracy_vs_bytes(coll, tmp_path / "p.png", ["data.partition", "peft.method"])
+    assert len([ax for ax in fig.axes if ax.get_visible()]) == 4
+    fig = plot_accuracy_vs_bytes(coll, tmp_path / "p.png")  # no panels: one plot, every setting
+    assert len(fig.axes) == 1 and len(fig.axes[0].get_legend().get_texts()) == 4
+
+
+def test_an_unknown_panel_key_exits_2_naming_the_swept_keys_and_writes_nothing(grid_dir, capsys):
+    assert main(["report", str(grid_dir), "--panels", "optim.lr"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lr" in err and "data.partition, peft.method" in err and "Traceback" not in err
+    assert not any((grid_dir / f).exists() for f in FILES)
+    assert main(["report", str(grid_dir), "--panels", "partition"]) == 0
+    assert all((grid_dir / f).exists() for f in FILES)

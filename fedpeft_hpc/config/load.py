@@ -218,6 +218,9 @@ def read_yaml(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
         cycle = " -> ".join(str(c) for c in (*_chain, real))
         raise UserError(f"config file {p}: its base: files form a cycle ({cycle})")
     data = read_yaml_mapping(p, "config file", "sections (seed, run, model, ...)")
+    if {"grid", "zip", "seeds"} & set(data) and "fed" not in data:
+        raise UserError(f"{p} is a sweep file (it has {', '.join(sorted({'grid', 'zip', 'seeds'} & set(data)))}), "
+                        f"not a training config: run it with `fedpeft-hpc sweep {p}`")
     base = data.pop("base", None)
     if base is None:
         return data

@@ -11,8 +11,11 @@ from pathlib import Path
 FILES = ("results.csv", "results.md", "accuracy_vs_round.png", "accuracy_vs_bytes.png")
 
 
-def write_report(path: str | Path) -> tuple[dict[str, Path], str]:
-    """Write the four files into ``path``; returns their paths and the Markdown table."""
+def write_report(path: str | Path, panels: list[str] | None = None) -> tuple[dict[str, Path], str]:
+    """Write the four files into ``path``; returns their paths and the Markdown table.
+
+    ``panels``: swept keys whose values get a plot panel each (``report.panels``); checked first.
+    """
     from fedpeft_hpc.report.collect import collect
     from fedpeft_hpc.report.plots import plot_accuracy_vs_bytes, plot_accuracy_vs_round
     from fedpeft_hpc.report.tables import results_csv, results_md
@@ -20,10 +23,14 @@ def write_report(path: str | Path) -> tuple[dict[str, Path], str]:
 
     path = Path(path)
     coll = collect(path)
+    if panels:
+        from fedpeft_hpc.report.panels import resolve_keys
+
+        panels = resolve_keys(coll, panels)  # a bad key fails before anything is written
     out = {name: path / name for name in FILES}
     md = results_md(coll)
     atomic_write_text(out["results.csv"], results_csv(coll))
     atomic_write_text(out["results.md"], md)
-    atomic_write(out["accuracy_vs_round.png"], lambda tmp: plot_accuracy_vs_round(coll, Path(tmp)))
-    atomic_write(out["accuracy_vs_bytes.png"], lambda tmp: plot_accuracy_vs_bytes(coll, Path(tmp)))
+    atomic_write(out["accuracy_vs_round.png"], lambda tmp: plot_accuracy_vs_round(coll, Path(tmp), panels))
+    atomic_write(out["accuracy_vs_bytes.png"], lambda tmp: plot_accuracy_vs_bytes(coll, Path(tmp), panels))
     return out, md

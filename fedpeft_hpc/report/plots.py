@@ -4,7 +4,8 @@ with a +-1 std band.
 Accuracy against cumulative MB communicated (log x) is the figure FedPEFT's argument rests on:
 PEFT methods reach full fine-tuning's accuracy at a small fraction of its traffic. Curves use
 every evaluated round of every run, finished or not (a setting with unfinished runs says so in
-its legend entry). matplotlib is imported here only, with the Agg canvas: no display needed.
+its legend entry). ``panels`` (swept keys) draws one sub-plot per combination of their values
+(``report.panels``). matplotlib is imported here only, with the Agg canvas: no display needed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from fedpeft_hpc.report.collect import Collection, RunRecord
+from fedpeft_hpc.report.panels import split
 
 
 @dataclass
@@ -58,58 +60,81 @@ def curves(coll: Collection) -> list[Curve]:
     return out
 
 
-def _figure(title: str, xlabel: str):
+def _figure(title: str, xlabel: str, panels: int):
+    """A figure with ``panels`` axes (two per row), one shared y axis; the title on top."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 4.8), dpi=120, layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test accuracy (top-1)")
-    ax.grid(True, which="major", alpha=0.3)
-    return fig, ax
+    ncols = 1 if panels == 1 else 2
+    nrows = -(-panels // ncols)
+    fig = Figure(figsize=(7.5 * (1 if ncols == 1 else 0.85 * ncols), 4.8 * (1 if nrows == 1 else 0.85 * nrows)),
+                 dpi=120, layout="constrained")
+    axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
+    for ax in axes[panels:]:  # an odd number of panels leaves one cell empty
+        ax.set_visible(False)
+    axes = list(axes[:panels])
+    if panels == 1:
+        axes[0].set_title(title)
+    else:
+        fig.suptitle(title)
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (top-1)")
+        ax.grid(True, which="major", alpha=0.3)
+    return fig, axes
 
 
-def _save(fig, ax, path: Path, n: int):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
+def _finish(ax, n: int, subtitle: str | None) -> None:
+    if subtitle is not None:
+        ax.set_title(subtitle, fontsize=10)
     if n:
         ax.legend(fontsize=8 if n <= 8 else 6, loc="best")
     else:
         ax.text(0.5, 0.5, "no evaluated round yet", ha="center", va="center", transform=ax.transAxes)
+
+
+def _save(fig, path: Path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig).print_png(str(path))
     return fig
 
 
-def plot_accuracy_vs_round(coll: Collection, path: Path):
-    """Write the PNG; returns the matplotlib Figure."""
-    cs = curves(coll)
+def plot_accuracy_vs_round(coll: Collection, path: Path, panels: list[str] | None = None):
+    """Write the PNG (one panel per value of the ``panels`` keys); returns the matplotlib Figure."""
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = _figure(f"{coll.title}: test accuracy per round (mean ± std over seeds)", "communication round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for c in cs:
-        (line,) = ax.plot(c.rounds, c.acc_mean, marker="o", markersize=3, label=c.label)
-        ax.fill_between(c.rounds, c.acc_mean - c.acc_std, c.acc_mean + c.acc_std, color=line.get_color(),
-                        alpha=0.2, linewidth=0)
-    return _save(fig, ax, path, len(cs))
+    groups = split(coll, panels or [])
+    fig, axes = _figure(f"{coll.title}: test accuracy per round (mean ± std over seeds)", "communication round",
+                        len(groups))
+    for ax, (subtitle, part) in zip(axes, groups):
+        cs = curves(part)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        for c in cs:
+            (line,) = ax.plot(c.rounds, c.acc_mean, marker="o", markersize=3, label=c.label)
+            ax.fill_between(c.rounds, c.acc_mean - c.acc_std, c.acc_mean + c.acc_std, color=line.get_color(),
+                            alpha=0.2, linewidth=0)
+        _finish(ax, len(cs), subtitle if len(groups) > 1 else None)
+    return _save(fig, path)
 
 
-def plot_accuracy_vs_bytes(coll: Collection, path: Path):
-    """Write the PNG (log x); returns the matplotlib Figure."""
-    cs = curves(coll)
-    fig, ax = _figure(f"{coll.title}: test accuracy vs communication",
-                      "cumulative communication, MB (up + down, all clients; log scale)")
-    for c in cs:
-        (line,) = ax.plot(c.mb_mean, c.acc_mean, marker="o", markersize=3, label=c.label)
-        ax.fill_between(c.mb_mean, c.acc_mean - c.acc_std, c.acc_mean + c.acc_std, color=line.get_color(),
-                        alpha=0.2, linewidth=0)
-    if cs:
-        from matplotlib.ticker import FuncFormatter, NullFormatter
+def plot_accuracy_vs_bytes(coll: Collection, path: Path, panels: list[str] | None = None):
+    """Write the PNG (log x; one panel per value of the ``panels`` keys); returns the matplotlib Figure."""
+    groups = split(coll, panels or [])
+    fig, axes = _figure(f"{coll.title}: test accuracy vs communication",
+                        "cumulative communication, MB (up + down, all clients; log scale)", len(groups))
+    for ax, (subtitle, part) in zip(axes, groups):
+        cs = curves(part)
+        for c in cs:
+            (line,) = ax.plot(c.mb_mean, c.acc_mean, marker="o", markersize=3, label=c.label)
+            ax.fill_between(c.mb_mean, c.acc_mean - c.acc_std, c.acc_mean + c.acc_std, color=line.get_color(),
+                            alpha=0.2, linewidth=0)
+        if cs:
+            from matplotlib.ticker import FuncFormatter, NullFormatter
 
-        ax.set_xscale("log")
-        plain = FuncFormatter(lambda x, _: f"{x:g}")  # 0.2, 3, 40 MB rather than 2x10^-1
-        ax.xaxis.set_major_formatter(plain)
-        lo, hi = min(c.mb_mean.min() for c in cs), max(c.mb_mean.max() for c in cs)
-        ax.xaxis.set_minor_formatter(plain if hi < 10 * lo else NullFormatter())
-    return _save(fig, ax, path, len(cs))
+            ax.set_xscale("log")
+            plain = FuncFormatter(lambda x, _: f"{x:g}")  # 0.2, 3, 40 MB rather than 2x10^-1
+            ax.xaxis.set_major_formatter(plain)
+            lo, hi = min(c.mb_mean.min() for c in cs), max(c.mb_mean.max() for c in cs)
+            ax.xaxis.set_minor_formatter(plain if hi < 10 * lo else NullFormatter())
+        _finish(ax, len(cs), subtitle if len(groups) > 1 else None)
+    return _save(fig, path)
