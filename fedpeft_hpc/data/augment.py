@@ -1,0 +1,58 @@
+"""Training augmentation as one batched gather on the rank's device (``data.augment``).
+
+- ``none``: the images as stored.
+- ``flip``: each image mirrored left-right with probability 1/2.
+- ``crop_flip``: each image padded with black by 1/8 of its side (4 px at 32 px), cut back to
+  its size at a random offset, then flipped as above: the standard CIFAR recipe, applied at the
+  stored resolution before the resize to the model's input.
+
+Both are exact pixel moves (no interpolation), done for the whole batch by ONE indexing op
+on whatever device the batch is on. The random numbers come only from the generator handed
+in, a CPU generator drawn per (seed, round, client) by the engine, in a fixed order per batch
+(flips, then row offsets, then column offsets): the result depends neither on the device nor
+on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+AUGMENTS = ("none", "flip", "crop_flip")
+
+
+def crop_padding(side: int) -> int:
+    """Zero padding of ``crop_flip`` for an image side: 1/8 of it, at least 1 px."""
+    return max(1, round(side / 8))
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator | None) -> torch.Tensor:
+    """Augment stored images ``[N, C, H, W]`` (uint8 or float) per ``mode``; ``none`` returns ``x``."""
+    if mode == "none" or x.shape[0] == 0:
+        return x
+    if mode not in AUGMENTS:
+        raise ValueError(f"unknown augmentation {mode!r}; valid: {', '.join(AUGMENTS)}")
+    if generator is None:
+        raise ValueError("augment_batch needs a seeded torch.Generator (the global RNG is not used)")
+    n, c, h, w = x.shape
+    flip = torch.rand(n, generator=generator) < 0.5
+    ar_h, ar_w = torch.arange(h), torch.arange(w)
+    if mode == "crop_flip":
+        ph, pw = crop_padding(h), crop_padding(w)
+        oy = torch.randint(0, 2 * ph + 1, (n,), generator=generator)
+        ox = torch.randint(0, 2 * pw + 1, (n,), generator=generator)
+        x = F.pad(x, (pw, pw, ph, ph))
+    else:
+        oy = ox = torch.zeros(n, dtype=torch.int64)
+    rows = oy[:, None] + ar_h[None, :]                                             # [n, h] in the padded image
+    cols = ox[:, None] + torch.where(flip[:, None], (w - 1) - ar_w[None, :], ar_w[None, :])  # [n, w]
+    rows, cols = _on(rows, x.device), _on(cols, x.device)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
+    chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return x[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
