@@ -20,14 +20,15 @@ import numpy as np
 import torch
 
 from fedpeft_hpc.config.schema import Config
-from fedpeft_hpc.data import build_datasets, make_partition, partition_stats, save_partition
+from fedpeft_hpc.data import BatchSources, build_datasets, make_partition, partition_stats, save_partition
 from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.aggregate import RoundBuffer, update_is_valid
 from fedpeft_hpc.federated.client import load_flat, local_train, make_optimizer
 from fedpeft_hpc.federated.evaluate import evaluate_shard
 from fedpeft_hpc.federated.flat import FlatLayout
 from fedpeft_hpc.federated.ledger import ByteLedger
-from fedpeft_hpc.federated.sampling import CLIENT_DATA, Schedule, assign_to_ranks, torch_generator
+from fedpeft_hpc.federated.sampling import (CLIENT_AUGMENT, CLIENT_DATA, Schedule, assign_to_ranks,
+                                           torch_generator)
 from fedpeft_hpc.federated.server_opt import build_server_optimizer
 from fedpeft_hpc.models import build_model
 from fedpeft_hpc.peft import count_params, peft_params
@@ -64,6 +65,9 @@ class FederatedRun:
         if self.data.num_classes > cfg.model.num_classes:
             raise ConfigError("model.num_classes", f"{cfg.model.num_classes} is fewer than the "
                                                    f"{self.data.num_classes} classes of data.name={cfg.data.name}")
+        # batches come out on env.device, prepared (and augmented for training) there
+        self.sources = BatchSources(self.data.train, self.data.test, env.device, cfg.data.augment,
+                                    cfg.data.gpu_store_mb, name=f"data.name={cfg.data.name}")
         self.parts = make_partition(cfg.data, self.data.train_targets, cfg.fed.num_clients, cfg.seed)
         self.sizes = np.array([len(p) for p in self.parts], dtype=np.int64)
         self.schedule = Schedule(cfg.seed, cfg.fed.num_clients, cfg.fed.clients_per_round, cfg.fed.dropout)
@@ -118,8 +122,9 @@ class FederatedRun:
         buf = RoundBuffer(self.layout.size, env.device)
         for client in mine:
             gen = torch_generator(cfg.seed, CLIENT_DATA, round_idx, client)
+            source = self.sources.client(torch_generator(cfg.seed, CLIENT_AUGMENT, round_idx, client))
             n = int(self.sizes[client])
-            batches = self.privacy.client_batches(self.data.train, self.parts[client], cfg.data.batch_size,
+            batches = self.privacy.client_batches(source, self.parts[client], cfg.data.batch_size,
                                                   cfg.fed.local_epochs, gen, cfg.data.num_workers)
             opt = make_optimizer(self.params.values(), cfg.optim)
             opt = self.privacy.wrap_optimizer(opt, client, round_idx, n)
@@ -136,8 +141,8 @@ class FederatedRun:
     def _evaluate(self) -> tuple[float, float]:
         env = self.env
         load_flat(self.params, self.layout, self.global_vec)
-        sums = evaluate_shard(self.model, self.data.test, self.cfg.data.eval_batch_size, env.device, env.rank,
-                              env.world_size, self.cfg.data.num_workers)
+        sums = evaluate_shard(self.model, self.sources.test, self.cfg.data.eval_batch_size, env.device,
+                              env.rank, env.world_size, self.cfg.data.num_workers)
         env.comm.allreduce_sum_(sums, tag="eval")
         loss_sum, correct, count = sums.tolist()
         return correct / count, loss_sum / count

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 # Stream tags: one per use, so that two uses never share random numbers.
-COHORT, DROPOUT, CLIENT_DATA, CENTRAL_NOISE, CLIENT_NOISE = 11, 12, 13, 14, 15
+COHORT, DROPOUT, CLIENT_DATA, CENTRAL_NOISE, CLIENT_NOISE, CLIENT_AUGMENT = 11, 12, 13, 14, 15, 16
 
 
 def rng(seed: int, *keys: int) -> np.random.Generator:
