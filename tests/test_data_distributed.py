@@ -38,7 +38,8 @@ def test_crop_flip_training_is_the_same_for_1_and_2_processes(tmp_path):
     plain = _train([sys.executable], tmp_path / "plain", folder, cache)
     assert one.keys() == two.keys() == plain.keys()
     assert max(float((one[k] - two[k]).abs().max()) for k in one) <= 1e-6
-    rows_one, rows_two = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")
+    rows_one = read_jsonl(tmp_path / "one" / "metrics.jsonl")
+    rows_two = read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert [r["test_acc"] for r in rows_one] == [r["test_acc"] for r in rows_two]
     assert {r["world_size"] for r in rows_two} == {2}
     # the augmentation really ran in training: without it the same run ends elsewhere

@@ -181,7 +181,8 @@ def test_corrupt_image_in_a_training_run_exits_2(tmp_path):
     bad = tmp_path / "f" / "train" / "2" / "5.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     res = run_cli("train", str(REPO / "configs" / "quickstart.yaml"), f"run.dir={tmp_path / 'run'}",
-                  "run.progress=false", "model.pretrained=false", "data.name=imagefolder", f"data.root={tmp_path / 'f'}",
+                  "run.progress=false", "model.pretrained=false", "data.name=imagefolder",
+                  f"data.root={tmp_path / 'f'}",
                   f"data.cache_dir={tmp_path / 'c'}", "data.num_workers=2", "fed.num_clients=4",
                   "fed.clients_per_round=2", "data.min_samples=2", timeout=120)
     assert res.returncode == 2, res.stderr[-2000:]
@@ -209,8 +210,8 @@ def test_concurrent_builds_give_one_valid_cache(tmp_path):
     procs = []
     for k in range(2):
         script = _race_script(root, cache, go, tmp_path / f"ready{k}")
-        procs.append(subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=subprocess_env(), cwd=REPO))
+        procs.append(subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO))
     deadline = time.time() + 120
     while not all((tmp_path / f"ready{k}").exists() for k in range(2)):
         assert time.time() < deadline and all(p.poll() is None for p in procs), procs[0].stderr.read()
@@ -345,3 +346,8 @@ def test_gpu_batches_equal_cpu_batches():
     assert outs[0][0].device == dev and outs[1][0].device == dev
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1].cpu(), outs[2][1])
     assert torch.allclose(outs[0][0].cpu(), outs[2][0], atol=1e-6)
+    # train and test rows of one folder share one stored tensor: it is copied to the GPU once
+    split = BatchSources(store.subset(np.arange(48)), store.subset(np.arange(48, 64)), dev, gpu_store_mb=100)
+    assert split.train.images.data_ptr() == split.test.store.images.data_ptr()
+    on_gpu, on_cpu = split.test.batch(np.arange(16))[0], cpu.test.batch(np.arange(48, 64))[0]
+    assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-6)

@@ -199,3 +199,20 @@ def data_path_row(device: str = "cpu", suite: str = "quick") -> dict:
                 "folder_vs_tensors": out["issue"]["folder_vs_tensors"],
                 "workers_vs_no_workers": out["issue"]["workers2_vs_0"]})
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedpeft_hpc.bench.data_path [--device cpu|cuda] [--suite quick|full]``: the row as JSON."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description="The data-path row of fedpeft-hpc bench, as JSON")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--suite", choices=("quick", "full"), default="quick")
+    args = p.parse_args(argv)
+    print(json.dumps(data_path_row(args.device, args.suite), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

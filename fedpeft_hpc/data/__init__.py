@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from fedpeft_hpc.data.augment import AUGMENTS, augment_batch
-from fedpeft_hpc.data.datasets import (DATASETS, DataBundle, TensorImageDataset, build_datasets, digits_split_indices,
-                                       digits_splits, register_dataset)
+from fedpeft_hpc.data.datasets import (DATASETS, DataBundle, TensorImageDataset, build_datasets,
+                                       digits_split_indices, digits_splits, register_dataset)
 from fedpeft_hpc.data.loader import batches_from_index_lists, iterate_batches, num_batches
 from fedpeft_hpc.data.partition import (load_partition, make_partition, partition_dirichlet, partition_iid,
                                         partition_stats, save_partition)

@@ -6,8 +6,8 @@
   its size at a random offset, then flipped as above: the standard CIFAR recipe, applied at the
   stored resolution before the resize to the model's input.
 
-Both are exact pixel moves (no interpolation), done for the whole batch by ONE indexing op
-on whatever device the batch is on. The random numbers come only from the generator handed
+Both are exact pixel moves (no interpolation), done for the whole batch by one or two
+``torch.gather`` ops on whatever device the batch is on. The random numbers come only from the generator handed
 in, a CPU generator drawn per (seed, round, client) by the engine, in a fixed order per batch
 (flips, then row offsets, then column offsets): the result depends neither on the device nor
 on the number of ranks.
@@ -42,17 +42,15 @@ def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator | None)
         raise ValueError("augment_batch needs a seeded torch.Generator (the global RNG is not used)")
     n, c, h, w = x.shape
     flip = torch.rand(n, generator=generator) < 0.5
-    ar_h, ar_w = torch.arange(h), torch.arange(w)
+    ar_w = torch.arange(w)
+    cols = torch.where(flip[:, None], (w - 1) - ar_w[None, :], ar_w[None, :])  # [n, w]
     if mode == "crop_flip":
         ph, pw = crop_padding(h), crop_padding(w)
         oy = torch.randint(0, 2 * ph + 1, (n,), generator=generator)
         ox = torch.randint(0, 2 * pw + 1, (n,), generator=generator)
         x = F.pad(x, (pw, pw, ph, ph))
-    else:
-        oy = ox = torch.zeros(n, dtype=torch.int64)
-    rows = oy[:, None] + ar_h[None, :]                                             # [n, h] in the padded image
-    cols = ox[:, None] + torch.where(flip[:, None], (w - 1) - ar_w[None, :], ar_w[None, :])  # [n, w]
-    rows, cols = _on(rows, x.device), _on(cols, x.device)
-    batch = torch.arange(n, device=x.device).view(n, 1, 1, 1)
-    chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
-    return x[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+        rows = _on(oy[:, None] + torch.arange(h)[None, :], x.device)  # [n, h] rows of the padded image
+        x = torch.gather(x, 2, rows.view(n, 1, h, 1).expand(n, c, h, x.shape[3]))
+        cols = cols + ox[:, None]
+    cols = _on(cols, x.device)
+    return torch.gather(x, 3, cols.view(n, 1, 1, w).expand(n, c, h, w))

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from fedpeft_hpc.config.schema import DataConfig
+from fedpeft_hpc.data.cache import LAYOUT as _LAYOUT
 from fedpeft_hpc.data.cache import FolderScan, cached_images, scan_folder
 from fedpeft_hpc.data.store import ImageStore
 from fedpeft_hpc.data.transforms import ImageSpec
@@ -210,9 +211,6 @@ def _cifar100(cfg: DataConfig, spec: ImageSpec, seed: int) -> DataBundle:
 
 
 # ---------------------------------------------------------------- imagefolder
-
-_LAYOUT = "ROOT/train/CLASS/*.jpg + ROOT/test/CLASS/*.jpg (or ROOT/val/...), or ROOT/CLASS/*.jpg"
-
 
 def _folder_store(scan: FolderScan, cfg: DataConfig, spec: ImageSpec) -> ImageStore:
     if spec.in_chans not in (1, 3):

@@ -103,16 +103,21 @@ class BatchSources:
         self.device = torch.device(device)
         self.augment = augment
         budget = int(gpu_store_mb * 1e6) if self.device.type == "cuda" else 0
+        self._moved: dict[int, torch.Tensor] = {}  # id(stored tensor) -> its copy on the device
         self.train, budget = self._place(train, budget, name)
         test_placed, _ = self._place(test, budget, name)
         self.test = self._view(test_placed, "none", None)
 
     def _place(self, ds: Dataset, budget: int, name: str) -> tuple[Dataset, int]:
         if isinstance(ds, ImageStore):
+            if id(ds.images) in self._moved:  # train and test rows of one folder share one tensor
+                return ds.with_images(self._moved[id(ds.images)]), budget
             if 0 < ds.nbytes <= budget and ds.device != self.device:
                 log.info("%s: %.1f MB of decoded images copied to %s once (data.gpu_store_mb)", ds.source or name,
                          ds.nbytes / 1e6, self.device)
-                return ds.to(self.device), budget - ds.nbytes
+                placed = ds.to(self.device)
+                self._moved[id(ds.images)] = placed.images
+                return placed, budget - ds.nbytes
             return ds, budget
         if self.augment != "none":
             raise ConfigError("data.augment", f"{self.augment!r} needs a decoded image store; {name} yields a "

@@ -46,13 +46,14 @@ class ImageStore(BatchSource):
 
     def __init__(self, images: torch.Tensor, targets, spec: ImageSpec, rows: torch.Tensor | None = None,
                  source: str = ""):
+        what = source or "ImageStore"
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise DataError(f"{source or 'ImageStore'}: images must be [N, 1 or 3, H, W], got {tuple(images.shape)}")
+            raise DataError(f"{what}: images must be [N, 1 or 3, H, W], got {tuple(images.shape)}")
         if images.dtype not in (torch.uint8, torch.float32):
-            raise DataError(f"{source or 'ImageStore'}: images must be uint8 or float32, got {images.dtype}")
+            raise DataError(f"{what}: images must be uint8 or float32, got {images.dtype}")
         targets = torch.as_tensor(np.asarray(targets), dtype=torch.int64)
         if targets.ndim != 1 or targets.shape[0] != images.shape[0]:
-            raise DataError(f"{source or 'ImageStore'}: {images.shape[0]} images but {tuple(targets.shape)} labels")
+            raise DataError(f"{what}: {images.shape[0]} images but {tuple(targets.shape)} labels")
         self.images = images
         self.targets = targets.to(images.device)
         self.rows = None if rows is None else rows.to(device=images.device, dtype=torch.int64)
@@ -117,4 +118,11 @@ class ImageStore(BatchSource):
         device = torch.device(device)
         if device == self.device:
             return self
-        return ImageStore(self.images.to(device), self.targets, self.spec, rows=self.rows, source=self.source)
+        return self.with_images(self.images.to(device))
+
+    def with_images(self, images: torch.Tensor) -> "ImageStore":
+        """This store's rows and labels over ``images`` (the same tensor elsewhere, e.g. on a GPU)."""
+        if images.shape != self.images.shape:
+            raise ValueError(f"with_images needs a tensor shaped {tuple(self.images.shape)}, "
+                             f"got {tuple(images.shape)}")
+        return ImageStore(images, self.targets, self.spec, rows=self.rows, source=self.source)

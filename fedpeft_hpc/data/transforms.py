@@ -99,7 +99,7 @@ def to_model_input(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
     mean, std, luma = _constants(_per_channel(spec.mean, spec.in_chans, "mean"),
                                  _per_channel(spec.std, spec.in_chans, "std"), x.device)
     size = (spec.img_size, spec.img_size)
-    b = x.to(torch.float32).div(255) if x.dtype == torch.uint8 else x.to(torch.float32)
+    b = x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x.to(torch.float32)  # float: may alias x
     if b.shape[1] == 3 and spec.in_chans == 1:
         b = (b * luma).sum(1, keepdim=True)
     if tuple(b.shape[-2:]) != size and b.shape[0] > 0:
@@ -109,7 +109,7 @@ def to_model_input(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
         b = b.new_empty((0, b.shape[1], *size))
     if b.shape[1] == 1 and spec.in_chans == 3:
         b = b.expand(-1, 3, -1, -1)
-    return (b - mean) / std
+    return b.sub(mean).div_(std)  # a new tensor, then in place: the same numbers as (b - mean) / std
 
 
 def tensor_to_spec(x: torch.Tensor, spec: ImageSpec, chunk: int = 512) -> torch.Tensor:
