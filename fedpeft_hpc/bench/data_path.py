@@ -13,7 +13,8 @@
   100 images x 2 epochs per round, batch 32, every client each round): seconds per round for
   an image folder of PNGs against the same images held as prepared tensors, with
   ``data.num_workers`` 0 and 2, rounds interleaved so that load from other processes hits all
-  variants alike; plus the seconds of the first decode into the cache with 0 and 2 workers.
+  variants alike; plus the seconds of the first decode into the cache with 0 and 2 workers
+  (and whether the pool started at all: a folder this small decodes in-process either way).
 
 Every ratio is measured in this call; nothing is hard-coded. Timings take the median over
 repeats. The image folders and caches live in a temporary directory removed at the end.
@@ -117,6 +118,17 @@ def shape_row(overrides: list[str], work: Path, device: torch.device, epochs: in
             "data_share": max(0.0, med([1.0 - m / r for m, r in zip(model_s, round_s)]))}
 
 
+class _PoolSeen(logging.Handler):
+    """Notes whether a cache build started worker processes (small folders decode in-process)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen = self.seen or "worker processes" in record.getMessage()
+
+
 def _as_tensors(run) -> None:
     """Swap a run's training data for the same images held as prepared tensors (the in-memory path)."""
     from fedpeft_hpc.data import BatchSources, TensorImageDataset
@@ -133,11 +145,19 @@ def issue_row(work: Path, device: torch.device, rounds: int) -> dict:
 
     folder = write_image_folder(work / "png32", 1000, 100, 10, 32)
     scan = scan_folder(folder / "train")
-    builds = {}
-    for w in (0, 2):
-        t0 = time.perf_counter()
-        cached_images(scan, "RGB", 32, work / f"build_w{w}", workers=w)
-        builds[w] = time.perf_counter() - t0
+    builds, pooled = {}, _PoolSeen()
+    dec_log = logging.getLogger("fedpeft_hpc.data.decode")
+    level = dec_log.level
+    dec_log.addHandler(pooled)
+    dec_log.setLevel(logging.INFO)
+    try:
+        for w in (0, 2):
+            t0 = time.perf_counter()
+            cached_images(scan, "RGB", 32, work / f"build_w{w}", workers=w)
+            builds[w] = time.perf_counter() - t0
+    finally:
+        dec_log.removeHandler(pooled)
+        dec_log.setLevel(level)
     common = [*ISSUE_MODEL, "peft.method=bias", "data.name=imagefolder", f"data.root={folder}",
               f"data.cache_dir={work / 'cache'}", "data.partition=iid", "data.batch_size=32",
               "fed.num_clients=10", "fed.clients_per_round=10", "fed.local_epochs=2", "optim.lr=0.01"]
@@ -165,7 +185,8 @@ def issue_row(work: Path, device: torch.device, rounds: int) -> dict:
             "folder_vs_tensors": ratio("folder", "tensors"),
             "workers2_vs_0": ratio("folder_workers2", "folder"),
             "cache_build_s": builds[0], "cache_build_workers2_s": builds[2],
-            "cache_build_workers2_vs_0": builds[2] / builds[0]}
+            "cache_build_workers2_vs_0": builds[2] / builds[0],
+            "cache_build_workers2_pool_started": pooled.seen}
 
 
 def data_path_row(device: str = "cpu", suite: str = "quick") -> dict:
