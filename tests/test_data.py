@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import Dataset
 
 from fedpeft_hpc.config.schema import DataConfig
-from fedpeft_hpc.data import (DATASETS, ImageSpec, TensorImageDataset, batches_from_index_lists,
-                              build_datasets, digits_split_indices, digits_splits, iterate_batches, load_partition, make_partition,
-                              num_batches, partition_stats, save_partition, tensor_to_spec)
+from fedpeft_hpc.data import (DATASETS, ImageSpec, ImageStore, TensorImageDataset, batches_from_index_lists,
+                              build_datasets, digits_split_indices, digits_splits, iterate_batches, load_partition,
+                              make_partition, num_batches, partition_stats, save_partition, tensor_to_spec)
 from fedpeft_hpc.data.partition import partition_dirichlet, partition_iid
 from fedpeft_hpc.errors import ConfigError, DataError
 
@@ -165,12 +165,16 @@ def test_digits_dataset():
     b = build_datasets(DataConfig(name="digits"), SPEC, seed=0)
     tr = digits_splits()["train"]
     assert b.num_classes == 10 and len(b.train) == len(tr[1]) and np.array_equal(b.train_targets, tr[1])
-    assert isinstance(b.train, TensorImageDataset) and b.train.images.shape[1:] == (3, 16, 16)
-    assert b.train.images.min() >= -1 and b.train.images.max() <= 1
-    assert np.array_equal(b.train.targets.numpy(), b.train_targets)
+    # decoded once as the 8x8 floats; batches are prepared to the model's 3x16x16, normalised
+    assert isinstance(b.train, ImageStore) and b.train.images.shape[1:] == (1, 8, 8)
+    assert torch.equal(b.train.stored(), torch.from_numpy(tr[0]))
+    x, y = next(iterate_batches(b.train, np.arange(len(b.train)), 1000, None, shuffle=False))
+    assert x.shape[1:] == (3, 16, 16) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x, tensor_to_spec(torch.from_numpy(tr[0]), SPEC))
+    assert np.array_equal(y.numpy(), b.train_targets) and np.array_equal(b.train.labels, b.train_targets)
     # the split does not move with the run seed
     b2 = build_datasets(DataConfig(name="digits"), SPEC, seed=5)
-    assert torch.equal(b.test.images, b2.test.images)
+    assert torch.equal(b.test.stored(), b2.test.stored())
 
 
 def test_synthetic_deterministic():
@@ -181,6 +185,7 @@ def test_synthetic_deterministic():
     assert torch.equal(a.test.images, b.test.images)
     assert not torch.equal(a.train.images, c.train.images)
     assert a.train.images.shape == (200, 3, 16, 16) and a.test.images.shape == (50, 3, 16, 16)
+    assert a.train[0][0].shape == (3, 16, 16) and torch.equal(a.train[0][0], (a.train.images[0] - 0.5) / 0.5)
     assert a.num_classes == 10 and set(a.train_targets.tolist()) == set(range(10))
     assert a.train_targets.dtype == np.int64
     # the test set does not depend on the number of training samples
@@ -201,8 +206,8 @@ def test_max_train_samples():
     sub = build_datasets(replace(cfg, max_train_samples=30), SPEC, 0)
     assert len(sub.train) == 30 and len(sub.train_targets) == 30
     # a sorted subset of the full train set, in order
-    rows = {x.numpy().tobytes(): i for i, x in enumerate(full.train.images)}
-    ids = [rows[x.numpy().tobytes()] for x in sub.train.images]
+    rows = {x.numpy().tobytes(): i for i, x in enumerate(full.train.stored())}
+    ids = [rows[x.numpy().tobytes()] for x in sub.train.stored()]
     assert ids == sorted(ids) and len(set(ids)) == 30
     assert np.array_equal(sub.train_targets, full.train_targets[ids])
     with pytest.raises(DataError, match="max_train_samples"):
@@ -238,7 +243,8 @@ def _write_pngs(root, classes, per_class, size=(10, 12)):
 def test_imagefolder_split_layout(tmp_path):
     _write_pngs(tmp_path / "train", ["cat", "dog"], 4)
     _write_pngs(tmp_path / "val", ["cat", "dog"], 2)
-    b = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path)), SPEC, 0)
+    cache = str(tmp_path / "cache")
+    b = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path), cache_dir=cache), SPEC, 0)
     assert b.num_classes == 2 and len(b.train) == 8 and len(b.test) == 4
     assert b.train_targets.tolist() == [0] * 4 + [1] * 4
     x, y = b.train[0]
@@ -246,20 +252,23 @@ def test_imagefolder_split_layout(tmp_path):
     xs, ys = next(iterate_batches(b.test, np.arange(4), 3, None, shuffle=False))
     assert xs.shape == (3, 3, 16, 16) and ys.dtype == torch.int64
     # in_chans=1 works through the PIL transform
-    g = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path)), ImageSpec(8, in_chans=1, mean=(0.5,),
-                                                                                         std=(0.5,)), 0)
+    g = build_datasets(DataConfig(name="imagefolder", root=str(tmp_path), cache_dir=cache),
+                       ImageSpec(8, in_chans=1, mean=(0.5,), std=(0.5,)), 0)
     assert g.train[0][0].shape == (1, 8, 8)
 
 
 def test_imagefolder_single_layout(tmp_path):
-    _write_pngs(tmp_path, ["a", "b", "c"], 5)
-    cfg = DataConfig(name="imagefolder", root=str(tmp_path), test_fraction=0.4)
+    cfg = DataConfig(name="imagefolder", root=str(tmp_path / "a"), test_fraction=0.4, cache_dir=str(tmp_path / "c"))
+    _write_pngs(tmp_path / "a", ["a", "b", "c"], 5)
     b = build_datasets(cfg, SPEC, 0)
     assert b.num_classes == 3 and len(b.train) + len(b.test) == 15
     assert np.bincount(b.train_targets).tolist() == [3, 3, 3]  # stratified
-    assert set(b.train.indices).isdisjoint(b.test.indices)
+    assert np.array_equal(b.train.labels, b.train_targets)
+    rows_tr, rows_te = set(b.train.rows.tolist()), set(b.test.rows.tolist())
+    assert rows_tr.isdisjoint(rows_te) and len(rows_tr | rows_te) == 15
+    assert b.train.images is b.test.images or b.train.images.data_ptr() == b.test.images.data_ptr()  # one cache
     b2 = build_datasets(cfg, SPEC, 99)  # fixed split, independent of the run seed
-    assert b.train.indices == b2.train.indices
+    assert torch.equal(b.train.rows, b2.train.rows)
 
 
 def test_imagefolder_errors(tmp_path):
@@ -268,7 +277,9 @@ def test_imagefolder_errors(tmp_path):
     _write_pngs(tmp_path / "x" / "train", ["a", "b"], 2)
     _write_pngs(tmp_path / "x" / "test", ["a", "c"], 2)
     with pytest.raises(DataError, match="class folders differ"):
-        build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "x")), SPEC, 0)
+        build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "x"), cache_dir=str(tmp_path / "c")),
+                       SPEC, 0)
+    assert not (tmp_path / "c").exists()  # checked before anything is decoded
     _write_pngs(tmp_path / "y" / "train", ["a"], 2)
     with pytest.raises(DataError, match="test/ nor val/"):
         build_datasets(DataConfig(name="imagefolder", root=str(tmp_path / "y")), SPEC, 0)

@@ -77,7 +77,17 @@ class DataConfig:
     partition_file: Optional[str] = opt(None, "reuse a saved partition.json instead of drawing one")
     batch_size: int = opt(64, "local batch size", min=1)
     eval_batch_size: int = opt(256, "test-set batch size", min=1)
-    num_workers: int = opt(0, "DataLoader workers for file-backed datasets", min=0)
+    num_workers: int = opt(0, "processes that decode an image folder into its cache the first time (they live "
+                           "for that build only; batches never need workers)", min=0)
+    cache_dir: str = opt("~/.cache/fedpeft-hpc/images", "where image folders are cached, decoded once as "
+                         "memory-mapped uint8 files (shared by all ranks and nodes; rebuilt when the folder changes)")
+    cache_img_size: Optional[int] = opt(None, "side in pixels of the images in an image-folder cache (default: "
+                                        "the model's input size, so no resize runs per batch)", min=1)
+    augment: str = opt("none", "training augmentation, per batch on the device: none, flip (left-right), "
+                       "crop_flip (pad 1/8, random crop, flip)", choices=("none", "flip", "crop_flip"))
+    gpu_store_mb: float = opt(2048.0, "on a GPU, decoded datasets up to this many MB are copied to the device "
+                              "once and batches are gathered there; larger ones send each batch (0: never)",
+                              min=0.0)
     max_train_samples: Optional[int] = opt(None, "subsample the training set without replacement", min=1)
     test_fraction: float = opt(0.2, "imagefolder without test/ folder: share held out for testing",
                                min=0.0, max=1.0, min_exclusive=True)

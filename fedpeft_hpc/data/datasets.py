@@ -1,17 +1,35 @@
-"""Dataset registry: each builder turns a ``DataConfig`` into train/test datasets plus labels."""
+"""Dataset registry: each builder turns a ``DataConfig`` into train/test datasets plus labels.
+
+Every built-in builder decodes its data once into an ``ImageStore`` (compact tensors at the
+stored resolution; see ``store.py``): synthetic data and digits as float images, CIFAR from
+its own uint8 arrays, image folders through the memory-mapped uint8 cache of ``cache.py``.
+Resizing, normalisation and augmentation then run per batch on the rank's device.
+
+Paper datasets as image folders (``data.name=imagefolder``):
+- Resisc45 (NWPU-RESISC45, 45 classes x 700 JPEGs of 256 px): its archive unpacks to
+  ``NWPU-RESISC45/CLASS/*.jpg``; point ``data.root`` there (``data.test_fraction`` holds out a
+  stratified test share, fixed across seeds) or arrange ``train/`` and ``test/`` class folders
+  from a split list of your own.
+- PCam (PatchCamelyon, 96 px patches in HDF5 files): write the patches of the training and
+  test files as ``ROOT/train/{0,1}/*.png`` and ``ROOT/test/{0,1}/*.png`` once (README shows a
+  few lines of h5py); the paper's 20k training subset is ``data.max_train_samples=20000``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
 from fedpeft_hpc.config.schema import DataConfig
-from fedpeft_hpc.data.transforms import ImageSpec, eval_transform, tensor_to_spec
+from fedpeft_hpc.data.cache import LAYOUT as _LAYOUT
+from fedpeft_hpc.data.cache import FolderScan, cached_images, scan_folder
+from fedpeft_hpc.data.store import ImageStore
+from fedpeft_hpc.data.transforms import ImageSpec
 from fedpeft_hpc.errors import ConfigError, DataError
 from fedpeft_hpc.utils.files import expand_path
 from fedpeft_hpc.utils.hints import did_you_mean
@@ -84,14 +102,16 @@ def build_datasets(cfg: DataConfig, spec: ImageSpec, seed: int) -> DataBundle:
 
 
 def _subset(ds: Dataset, keep: np.ndarray) -> Dataset:
+    if isinstance(ds, ImageStore):
+        return ds.subset(keep)
     if isinstance(ds, TensorImageDataset):
         idx = torch.as_tensor(keep, dtype=torch.int64)
         return TensorImageDataset(ds.images[idx], ds.targets[idx])
     return Subset(ds, keep.tolist())
 
 
-def _tensor_ds(images: np.ndarray, labels: np.ndarray, spec: ImageSpec) -> TensorImageDataset:
-    return TensorImageDataset(tensor_to_spec(torch.from_numpy(images), spec), torch.from_numpy(labels))
+def _store(images: np.ndarray, labels: np.ndarray, spec: ImageSpec, source: str) -> ImageStore:
+    return ImageStore(torch.from_numpy(images), labels, spec, source=source)
 
 
 # ---------------------------------------------------------------- synthetic
@@ -122,7 +142,8 @@ def _synthetic(cfg: DataConfig, spec: ImageSpec, seed: int) -> DataBundle:
                                                 mode="bilinear", align_corners=False).numpy()
     xtr, ytr = _synthetic_split(templates, cfg.synthetic_samples, np.random.default_rng(train_seq))
     xte, yte = _synthetic_split(templates, cfg.synthetic_test_samples, np.random.default_rng(test_seq))
-    return DataBundle(_tensor_ds(xtr, ytr, spec), _tensor_ds(xte, yte, spec), ytr, SYNTHETIC_CLASSES, "synthetic")
+    return DataBundle(_store(xtr, ytr, spec, "synthetic"), _store(xte, yte, spec, "synthetic"), ytr,
+                      SYNTHETIC_CLASSES, "synthetic")
 
 
 # ---------------------------------------------------------------- digits
@@ -156,21 +177,21 @@ def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _digits(cfg: DataConfig, spec: ImageSpec, seed: int) -> DataBundle:
     s = digits_splits()
     (xtr, ytr), (xte, yte) = s["train"], s["test"]
-    return DataBundle(_tensor_ds(xtr, ytr, spec), _tensor_ds(xte, yte, spec), ytr, 10, "digits")
+    return DataBundle(_store(xtr, ytr, spec, "digits"), _store(xte, yte, spec, "digits"), ytr, 10, "digits")
 
 
 # ---------------------------------------------------------------- CIFAR
 
 def _cifar(cfg: DataConfig, spec: ImageSpec, name: str) -> DataBundle:
+    """CIFAR from torchvision's own uint8 arrays (no per-sample PIL path)."""
     from torchvision import datasets as tvd
 
     cls, folder, k = ((tvd.CIFAR10, "cifar-10-batches-py", 10) if name == "cifar10"
                       else (tvd.CIFAR100, "cifar-100-python", 100))
     root = expand_path(cfg.root)
-    tf = eval_transform(spec)
     try:
-        train = cls(root=str(root), train=True, download=cfg.download, transform=tf)
-        test = cls(root=str(root), train=False, download=cfg.download, transform=tf)
+        train = cls(root=str(root), train=True, download=cfg.download)
+        test = cls(root=str(root), train=False, download=cfg.download)
     except RuntimeError:
         raise DataError(f"{name} not found or corrupted in data.root={str(root)!r} (looked for "
                         f"{str(root / folder)!r}). Set data.download=true on a machine with network access, "
@@ -178,7 +199,13 @@ def _cifar(cfg: DataConfig, spec: ImageSpec, name: str) -> DataBundle:
     except OSError as e:  # download failed: no network, unwritable root, ...
         raise DataError(f"could not download {name} into data.root={str(root)!r}: {e}. Copy the {folder!r} "
                         f"folder there from a machine with network access") from None
-    return DataBundle(train, test, np.asarray(train.targets, dtype=np.int64), k, name)
+
+    def store(ds, split: str) -> ImageStore:
+        images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))  # NHWC -> NCHW uint8
+        return ImageStore(images, np.asarray(ds.targets, dtype=np.int64), spec, source=f"{name}/{split}")
+
+    tr = store(train, "train")
+    return DataBundle(tr, store(test, "test"), tr.labels, k, name)
 
 
 @register_dataset("cifar10")
@@ -193,16 +220,13 @@ def _cifar100(cfg: DataConfig, spec: ImageSpec, seed: int) -> DataBundle:
 
 # ---------------------------------------------------------------- imagefolder
 
-_LAYOUT = "ROOT/train/CLASS/*.jpg + ROOT/test/CLASS/*.jpg (or ROOT/val/...), or ROOT/CLASS/*.jpg"
-
-
-def _image_folder(path: Path, tf: Any) -> Any:
-    from torchvision.datasets import ImageFolder
-
-    try:
-        return ImageFolder(str(path), transform=tf)
-    except (FileNotFoundError, OSError) as e:
-        raise DataError(f"data.root: no usable images in {str(path)!r} ({e}); expected layout {_LAYOUT}") from None
+def _folder_store(scan: FolderScan, cfg: DataConfig, spec: ImageSpec) -> ImageStore:
+    if spec.in_chans not in (1, 3):
+        raise DataError(f"image inputs need 1 or 3 channels, the model takes in_chans={spec.in_chans}")
+    mode = "RGB" if spec.in_chans == 3 else "L"
+    size = cfg.cache_img_size or spec.img_size
+    images = cached_images(scan, mode, size, cfg.cache_dir, cfg.num_workers)
+    return ImageStore(images, scan.targets, spec, source=str(scan.root))
 
 
 def _stratified_split(targets: np.ndarray, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -218,26 +242,25 @@ def _stratified_split(targets: np.ndarray, test_fraction: float) -> tuple[np.nda
 
 @register_dataset("imagefolder")
 def _imagefolder(cfg: DataConfig, spec: ImageSpec, seed: int) -> DataBundle:
+    """Class folders of image files, decoded once into the cache under ``data.cache_dir``."""
     root = expand_path(cfg.root)
     if not root.is_dir():
         raise DataError(f"data.root={str(root)!r} is not a directory; expected layout {_LAYOUT}")
-    tf = eval_transform(spec)
     if (root / "train").is_dir():
         test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
         if test_dir is None:
             raise DataError(f"data.root={str(root)!r} has train/ but neither test/ nor val/; "
                             f"expected layout {_LAYOUT}")
-        train, test = _image_folder(root / "train", tf), _image_folder(test_dir, tf)
+        train, test = scan_folder(root / "train"), scan_folder(test_dir)  # both checked before decoding
         if train.classes != test.classes:
             raise DataError(f"data.root={str(root)!r}: class folders differ between train/ {train.classes} "
                             f"and {test_dir.name}/ {test.classes}; both need the same class folders")
-        return DataBundle(train, test, np.asarray(train.targets, dtype=np.int64), len(train.classes),
-                          "imagefolder")
-    full = _image_folder(root, tf)
-    targets = np.asarray(full.targets, dtype=np.int64)
-    tr, te = _stratified_split(targets, cfg.test_fraction)
+        return DataBundle(_folder_store(train, cfg, spec), _folder_store(test, cfg, spec), train.targets.copy(),
+                          len(train.classes), "imagefolder")
+    scan = scan_folder(root)
+    tr, te = _stratified_split(scan.targets, cfg.test_fraction)
     if len(te) == 0:
         raise DataError(f"data.root={str(root)!r}: too few images to hold out data.test_fraction="
                         f"{cfg.test_fraction} for testing; add images (>= 2 per class) or a test/ folder")
-    return DataBundle(Subset(full, tr.tolist()), Subset(full, te.tolist()), targets[tr], len(full.classes),
-                      "imagefolder")
+    full = _folder_store(scan, cfg, spec)
+    return DataBundle(full.subset(tr), full.subset(te), scan.targets[tr], len(scan.classes), "imagefolder")

@@ -1,4 +1,8 @@
-"""Batch iteration over dataset indices; in-memory datasets are sliced, others go through a DataLoader."""
+"""Batch iteration over dataset indices.
+
+A ``BatchSource`` (an ``ImageStore`` or its device views) makes each batch itself in one
+gather; a ``TensorImageDataset`` is sliced; any other dataset goes through a DataLoader.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data._utils.collate import default_collate
 
 from fedpeft_hpc.data.datasets import TensorImageDataset
+from fedpeft_hpc.data.store import BatchSource
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -45,8 +50,9 @@ def iterate_batches(dataset: Dataset, indices: np.ndarray, batch_size: int, gene
                     epochs: int = 1) -> Iterator[Batch]:
     """Yield ``(x, y)`` over ``indices`` for ``epochs`` passes, each shuffled anew by ``generator``.
 
-    In-memory datasets are sliced; others go through ONE DataLoader for all epochs (workers
-    start once per call, not once per epoch). The order is the same on both paths.
+    A ``BatchSource`` (an ``ImageStore`` or the engine's device views of one) makes each batch
+    in one gather and ignores ``num_workers``; a ``TensorImageDataset`` is sliced; any other
+    dataset goes through ONE DataLoader for all epochs. The order is the same on every path.
     """
     return batches_from_index_lists(
         dataset, _index_batches(indices, batch_size, generator, shuffle, drop_last, epochs), num_workers)
@@ -68,6 +74,10 @@ def batches_from_index_lists(dataset: Dataset, index_lists: Iterable[Sequence[in
             empty = (torch.empty((0, *x0.shape), dtype=x0.dtype), torch.empty(0, dtype=torch.int64))
         return empty
 
+    if isinstance(dataset, BatchSource):
+        for idx in index_lists:
+            yield dataset.batch(np.asarray(idx, dtype=np.int64)) if len(idx) else dataset.empty_batch()
+        return
     if isinstance(dataset, TensorImageDataset):
         for idx in index_lists:
             if len(idx) == 0:

@@ -1,7 +1,12 @@
-"""Image preprocessing: one spec (size, channels, normalisation) for files and in-memory tensors."""
+"""Image preprocessing: one spec (size, channels, normalisation) for files and in-memory tensors.
+
+``to_model_input`` is the batched path every dataset takes (on the rank's device);
+``eval_transform`` is the per-sample PIL reference it is tested against.
+"""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,24 +69,54 @@ def eval_transform(spec: ImageSpec) -> Any:
     ])
 
 
-def tensor_to_spec(x: torch.Tensor, spec: ImageSpec, chunk: int = 512) -> torch.Tensor:
-    """``[N, C, h, w]`` in [0, 1] -> ``[N, in_chans, img_size, img_size]`` float32, normalised."""
+_LUMA = (0.299, 0.587, 0.114)
+
+
+@functools.lru_cache(maxsize=32)
+def _constants(mean: tuple[float, ...], std: tuple[float, ...],
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, std and luma weights as ``[1, C, 1, 1]`` tensors on ``device``, made once (a fresh
+    host-to-GPU copy per batch would make the host wait for the GPU)."""
+    def col(v):
+        return torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+
+    return col(mean), col(std), col(_LUMA)
+
+
+def to_model_input(x: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+    """Stored images ``[N, C, h, w]`` -> model input ``[N, in_chans, img_size, img_size]`` float32, normalised.
+
+    ``x`` is uint8 (0..255, scaled like ``ToTensor``) or float in [0, 1], on any device; the
+    result stays on that device. The one implementation behind batches, ``dataset[i]`` and
+    ``tensor_to_spec``: every path gives the same numbers. Resizing is bilinear, antialiased
+    only when shrinking (like PIL); enlarging and equal sizes use the plain kernel.
+    """
     if x.ndim != 4:
         raise DataError(f"expected images shaped [N, C, H, W], got {tuple(x.shape)}")
     _check_chans(spec.in_chans)
     if x.shape[1] not in (1, 3):
         raise DataError(f"images have {x.shape[1]} channels; only 1 or 3 are supported")
-    mean = torch.tensor(_per_channel(spec.mean, spec.in_chans, "mean")).view(1, -1, 1, 1)
-    std = torch.tensor(_per_channel(spec.std, spec.in_chans, "std")).view(1, -1, 1, 1)
+    mean, std, luma = _constants(_per_channel(spec.mean, spec.in_chans, "mean"),
+                                 _per_channel(spec.std, spec.in_chans, "std"), x.device)
     size = (spec.img_size, spec.img_size)
-    out = torch.empty((x.shape[0], spec.in_chans, *size), dtype=torch.float32)
+    b = x.to(torch.float32).div_(255) if x.dtype == torch.uint8 else x.to(torch.float32)  # float: may alias x
+    if b.shape[1] == 3 and spec.in_chans == 1:
+        b = (b * luma).sum(1, keepdim=True)
+    if tuple(b.shape[-2:]) != size and b.shape[0] > 0:
+        shrink = b.shape[-2] > size[0] or b.shape[-1] > size[1]
+        b = F.interpolate(b, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+    elif tuple(b.shape[-2:]) != size:
+        b = b.new_empty((0, b.shape[1], *size))
+    if b.shape[1] == 1 and spec.in_chans == 3:
+        b = b.expand(-1, 3, -1, -1)
+    return b.sub(mean).div_(std)  # a new tensor, then in place: the same numbers as (b - mean) / std
+
+
+def tensor_to_spec(x: torch.Tensor, spec: ImageSpec, chunk: int = 512) -> torch.Tensor:
+    """``[N, C, h, w]`` in [0, 1] -> ``[N, in_chans, img_size, img_size]`` float32, normalised (in chunks)."""
+    if x.ndim != 4:
+        raise DataError(f"expected images shaped [N, C, H, W], got {tuple(x.shape)}")
+    out = torch.empty((x.shape[0], spec.in_chans, spec.img_size, spec.img_size), dtype=torch.float32)
     for start in range(0, x.shape[0], chunk):
-        b = x[start:start + chunk].to(torch.float32)
-        if b.shape[1] == 3 and spec.in_chans == 1:
-            b = (b * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-        if tuple(b.shape[-2:]) != size:
-            b = F.interpolate(b, size=size, mode="bilinear", align_corners=False, antialias=False)
-        if b.shape[1] == 1 and spec.in_chans == 3:
-            b = b.expand(-1, 3, -1, -1)
-        out[start:start + chunk] = (b - mean) / std
+        out[start:start + chunk] = to_model_input(x[start:start + chunk], spec)
     return out

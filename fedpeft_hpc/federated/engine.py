@@ -21,7 +21,7 @@ import torch
 
 from fedpeft_hpc.comm.collective import Communicator
 from fedpeft_hpc.config.schema import Config
-from fedpeft_hpc.data import DataBundle, build_datasets, make_partition, partition_stats, save_partition
+from fedpeft_hpc.data import BatchSources, DataBundle, build_datasets, make_partition, partition_stats, save_partition
 from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.aggregate import RoundBuffer, RoundStats, update_is_valid
 from fedpeft_hpc.federated.agreement import (backbone_fingerprint, check_agreement, check_resume, config_fingerprint,
@@ -39,7 +39,7 @@ from fedpeft_hpc.runs.checkpoint import Checkpoint
 from fedpeft_hpc.runs.rundir import RunDir
 from fedpeft_hpc.runs.sinks import JsonlSink, MetricsSinks, TensorBoardSink
 from fedpeft_hpc.utils.logs import log_to_file
-from fedpeft_hpc.utils.streams import CLIENT_DATA, CLIENT_LAYERS, derived_seed, torch_generator
+from fedpeft_hpc.utils.streams import AUGMENT, CLIENT_DATA, CLIENT_LAYERS, derived_seed, torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,9 @@ class FederatedTrainer:
         self.fingerprints = {"backbone": backbone_fingerprint(self.fed.built.model),
                              "data": data_fingerprint(self.fed.data.train_targets, self.fed.data.train,
                                                       self.fed.data.test)}
+        # batches come out on the rank's device, prepared (and augmented for training) there
+        self.sources = BatchSources(self.fed.data.train, self.fed.data.test, comm.device, cfg.data.augment,
+                                    cfg.data.gpu_store_mb, name=f"data.name={cfg.data.name}")
         self.model = self.fed.built.model.to(comm.device)
         self.params = peft_params(self.model)
         self.layout = FlatLayout(self.params)
@@ -185,8 +188,9 @@ class FederatedTrainer:
         buf = RoundBuffer(self.layout.size, device)
         for client in clients:
             gen = torch_generator(cfg.seed, CLIENT_DATA, round_idx, client)
+            source = self.sources.client(torch_generator(cfg.seed, AUGMENT, round_idx, client))
             n = int(fed.sizes[client])
-            batches = fed.privacy.client_batches(fed.data.train, fed.client_indices[client], cfg.data.batch_size,
+            batches = fed.privacy.client_batches(source, fed.client_indices[client], cfg.data.batch_size,
                                                  cfg.fed.local_epochs, gen, cfg.data.num_workers)
             opt = make_optimizer(self.params.values(), cfg.optim)
             opt = fed.privacy.wrap_optimizer(opt, client, round_idx, n)
@@ -204,7 +208,7 @@ class FederatedTrainer:
     def _evaluate(self) -> tuple[float, float]:
         comm = self.comm
         load_vector(self.params, self.layout, self.global_vec)
-        sums = evaluate_shard(self.model, self.fed.data.test, self.cfg.data.eval_batch_size, comm.device,
+        sums = evaluate_shard(self.model, self.sources.test, self.cfg.data.eval_batch_size, comm.device,
                               comm.rank, comm.world_size, self.cfg.data.num_workers)
         comm.allreduce_sum_(sums, tag="eval")
         loss_sum, correct, count = sums.tolist()

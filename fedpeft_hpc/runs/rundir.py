@@ -17,7 +17,8 @@ from fedpeft_hpc.runs.checkpoint import Checkpoint, load_checkpoint, save_checkp
 from fedpeft_hpc.utils.files import atomic_write_json, atomic_write_text, read_jsonl
 
 # Keys that may differ between the saved and the resumed config.
-_RESUME_FREE = ("run.", "comm.", "data.num_workers", "data.root", "model.checkpoint")
+_RESUME_FREE = ("run.", "comm.", "data.num_workers", "data.root", "data.cache_dir", "data.gpu_store_mb",
+                "model.checkpoint")
 
 
 class RunDir:
