@@ -37,7 +37,9 @@ def test_overrides_reach_nested_and_free_form_keys():
     ("privacy.mode=sample", "privacy.noise_multiplier", "target_epsilon"),
     ("privacy.mode=maybe", "privacy.mode", "none, sample, client"),
     ("data.name=mnist", "data.name", "digits"),
-    ("fed.client_batch=auto", "fed.client_batch", "valid: off"),
+    ("fed.client_batch=many", "fed.client_batch", "valid are off, auto"),
+    ("fed.client_batch=-2", "fed.client_batch", "valid are off, auto"),
+    ("model.precision=fp16", "model.precision", "fp32, tf32, bf16"),
     ("privacy.delta=1.5", "privacy.delta", "<= 1"),
     ("privacy.noise_multiplier=-1", "privacy.noise_multiplier", ">= 0"),
 ])

@@ -16,6 +16,7 @@ from torch import nn
 
 from fedpeft_hpc.config.schema import OptimConfig
 from fedpeft_hpc.federated.flat import FlatLayout
+from fedpeft_hpc.models.precision import compute_precision
 
 
 @dataclass
@@ -43,7 +44,8 @@ def load_flat(params: Mapping[str, torch.Tensor], layout: FlatLayout, vec: torch
 
 def local_train(model: nn.Module, params: Mapping[str, nn.Parameter], layout: FlatLayout,
                 start: torch.Tensor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                optimizer: torch.optim.Optimizer, device: torch.device) -> LocalResult:
+                optimizer: torch.optim.Optimizer, device: torch.device, precision: str = "fp32") -> LocalResult:
+    """Train from ``start`` on ``batches``; the forward/backward run in ``precision`` (``model.precision``)."""
     load_flat(params, layout, start)
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -53,10 +55,11 @@ def local_train(model: nn.Module, params: Mapping[str, nn.Parameter], layout: Fl
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        # sum / n is the mean for a non-empty batch and a zero loss for an empty (Poisson) one
-        loss = F.cross_entropy(out, y, reduction="sum") / max(1, y.numel())
-        loss.backward()
+        with compute_precision(precision, device):
+            out = model(x)
+            # sum / n is the mean for a non-empty batch and a zero loss for an empty (Poisson) one
+            loss = F.cross_entropy(out, y, reduction="sum") / max(1, y.numel())
+            loss.backward()
         optimizer.step()
         steps += 1
         seen += y.numel()

@@ -1,8 +1,9 @@
 """The server round loop. One frozen backbone per process; clients are PEFT states.
 
 Every round, on every rank: the same cohort is drawn; this rank trains the cohort
-members assigned to it (balanced by sample count) one after another on the shared
-backbone, sums their weighted updates in fp64, and ONE all-reduce (through the
+members assigned to it (balanced by sample count) on the shared backbone, one after
+another or K at a time (``fed.client_batch``, ``federated.batched``), sums their weighted
+updates in fp64, and ONE all-reduce (through the
 communicator handed in; this module never touches torch.distributed) aggregates
 updates, weights and metric sums. The server rule then runs identically on every rank,
 so no broadcast is needed and every rank holds the same global state.
@@ -10,6 +11,7 @@ so no broadcast is needed and every rank holds the same global state.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -23,6 +25,8 @@ from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.data import build_datasets, make_partition, partition_stats, save_partition
 from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.aggregate import RoundBuffer, update_is_valid
+from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob
+from fedpeft_hpc.federated.client_batch import plan_client_batch
 from fedpeft_hpc.federated.client import load_flat, local_train, make_optimizer
 from fedpeft_hpc.federated.evaluate import evaluate_shard
 from fedpeft_hpc.federated.flat import FlatLayout
@@ -58,9 +62,9 @@ class FederatedRun:
         self.cfg = cfg
         self.env = env
         self.rundir = RunDir(cfg.run.dir, is_main=env.is_main)
-        self.model, spec = build_model(cfg.model, cfg.peft, cfg.seed)
+        self.model, self.image_spec = build_model(cfg.model, cfg.peft, cfg.seed)
         self.counts = count_params(self.model)
-        self.data = build_datasets(cfg.data, spec, cfg.seed)
+        self.data = build_datasets(cfg.data, self.image_spec, cfg.seed)
         if self.data.num_classes > cfg.model.num_classes:
             raise ConfigError("model.num_classes", f"{cfg.model.num_classes} is fewer than the "
                                                    f"{self.data.num_classes} classes of data.name={cfg.data.name}")
@@ -79,7 +83,13 @@ class FederatedRun:
         self.params = peft_params(self.model)
         self.layout = FlatLayout(self.params)
         self.global_vec = self.layout.flatten(self.params, torch.float32)
-        self.train_model = self.privacy.wrap_model(self.model)
+        spec = self.image_spec
+        self.client_batch = plan_client_batch(cfg, self.model, self.layout, env.device,
+                                              (spec.in_chans, spec.img_size, spec.img_size), env.world_size,
+                                              dp=cfg.privacy.mode == "sample")
+        # batched clients compute their own per-sample gradients: no Opacus hooks on the shared model
+        self.train_model = self.model if self.client_batch else self.privacy.wrap_model(self.model)
+        self.accumulate_s = 0.0
         self.server_opt = build_server_optimizer(cfg.server, self.layout.size, env.device)
         self.ledger = ByteLedger(self.counts["bytes_per_transfer"], self.model.fedpeft_full_bytes)
         self.start_round = 1
@@ -116,28 +126,48 @@ class FederatedRun:
         cfg, env = self.cfg, self.env
         mine = assign_to_ranks(trained, self.sizes, env.world_size)[env.rank]
         buf = RoundBuffer(self.layout.size, env.device)
-        for client in mine:
-            gen = torch_generator(cfg.seed, CLIENT_DATA, round_idx, client)
-            n = int(self.sizes[client])
-            batches = self.privacy.client_batches(self.data.train, self.parts[client], cfg.data.batch_size,
-                                                  cfg.fed.local_epochs, gen, cfg.data.num_workers)
-            opt = make_optimizer(self.params.values(), cfg.optim)
-            opt = self.privacy.wrap_optimizer(opt, client, round_idx, n)
-            res = local_train(self.train_model, self.params, self.layout, self.global_vec, batches, opt, env.device)
-            vec, weight = self.privacy.client_update(res.delta, n)
+        self.accumulate_s = 0.0
+        for client, res in self._local_results(round_idx, mine):
+            t0 = time.perf_counter()
+            vec, weight = self.privacy.client_update(res.delta, int(self.sizes[client]))
             if update_is_valid(vec, cfg.fed.max_update_norm):
                 buf.add(vec, weight, res.loss_sum, res.seen, res.correct)
             else:
                 log.warning("round %d: rejected the update of client %d (non-finite or too large)", round_idx,
                             client)
                 buf.reject()
+            self.accumulate_s += time.perf_counter() - t0
         return buf
+
+    def _client_batches(self, round_idx: int, client: int):
+        cfg = self.cfg
+        gen = torch_generator(cfg.seed, CLIENT_DATA, round_idx, client)
+        return self.privacy.client_batches(self.data.train, self.parts[client], cfg.data.batch_size,
+                                           cfg.fed.local_epochs, gen, cfg.data.num_workers)
+
+    def _local_results(self, round_idx: int, clients: list[int]):
+        """``(client, LocalResult)`` for each of this rank's clients: K at a time, or one after another."""
+        cfg, env = self.cfg, self.env
+        if self.client_batch and clients:
+            # longest first: the slots of clients that finish are refilled, so the short ones fill the tail
+            order = sorted(clients, key=lambda c: (-int(self.sizes[c]), c))
+            jobs = [ClientJob(c, functools.partial(self._client_batches, round_idx, c),
+                              self.privacy.client_noise(c, round_idx, int(self.sizes[c]))) for c in order]
+            trainer = BatchedClientTrainer(self.model, self.layout, cfg.optim, min(self.client_batch, len(clients)),
+                                           env.device, cfg.model.precision)
+            yield from trainer.train(self.global_vec, jobs)
+            return
+        for client in clients:
+            opt = make_optimizer(self.params.values(), cfg.optim)
+            opt = self.privacy.wrap_optimizer(opt, client, round_idx, int(self.sizes[client]))
+            yield client, local_train(self.train_model, self.params, self.layout, self.global_vec,
+                                      self._client_batches(round_idx, client), opt, env.device, cfg.model.precision)
 
     def _evaluate(self) -> tuple[float, float]:
         env = self.env
         load_flat(self.params, self.layout, self.global_vec)
         sums = evaluate_shard(self.model, self.data.test, self.cfg.data.eval_batch_size, env.device, env.rank,
-                              env.world_size, self.cfg.data.num_workers)
+                              env.world_size, self.cfg.data.num_workers, precision=self.cfg.model.precision)
         env.comm.allreduce_sum_(sums, tag="eval")
         loss_sum, correct, count = sums.tolist()
         return correct / count, loss_sum / count
@@ -148,6 +178,7 @@ class FederatedRun:
         cohort = self.schedule.cohort(round_idx)
         trained = self.schedule.trained(round_idx)
         buf = self._train_clients(round_idx, trained)
+        t_train = _synced(env.device)
         calls_before = env.comm.call_count("aggregate")
         env.comm.allreduce_sum_(buf.buf, tag="aggregate")  # the ONE aggregation collective
         update_sum, stats = buf.split()
@@ -155,6 +186,7 @@ class FederatedRun:
         if applied:
             delta = self.privacy.finalize(update_sum, stats.weight_sum, round_idx)
             self.server_opt.step(self.global_vec, delta.to(torch.float32))
+        t_aggregated = _synced(env.device)
         self.privacy.account(round_idx, trained)
         row: dict[str, Any] = {"round": round_idx, "clients": stats.returned if applied else 0,
                                "sampled": len(cohort), "dropped": len(cohort) - len(trained),
@@ -174,6 +206,9 @@ class FederatedRun:
                         "allreduce_ms": rec.ms, "allreduce_backend": rec.backend,
                         "allreduce_calls": env.comm.call_count("aggregate") - calls_before,
                         "world_size": env.world_size})
+        # local training (in-rank accumulation excluded) and aggregation (in-rank sums, all-reduce, server step)
+        row["train_s"] = t_train - t0 - self.accumulate_s
+        row["aggregate_s"] = t_aggregated - t_train + self.accumulate_s
         row["wall_s"] = time.perf_counter() - t0
         return row
 
@@ -227,6 +262,13 @@ class FederatedRun:
         if math.isinf(eps):
             return {"epsilon": None, "epsilon_unbounded": True, "delta": self.cfg.privacy.delta}
         return {"epsilon": eps, "delta": self.cfg.privacy.delta}
+
+
+def _synced(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _progress(cfg: Config, is_main: bool, start: int):

@@ -1,6 +1,7 @@
 """The hooks through which privacy shapes a round. ``NoPrivacy`` is plain FedAvg.
 
-The engine calls, per client: ``wrap_optimizer``, ``client_batches``, ``client_update``;
+The engine calls, per client: ``wrap_optimizer`` (or, batched, ``client_noise``), ``client_batches``,
+``client_update``;
 per round, on every rank: ``finalize`` (after the one all-reduce) and ``account``.
 """
 
@@ -29,6 +30,11 @@ class NoPrivacy:
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, client: int, round_idx: int,
                        num_samples: int) -> torch.optim.Optimizer:
         return optimizer
+
+    def client_noise(self, client: int, round_idx: int, num_samples: int):
+        """The client's per-step DP-SGD noise (``privacy.dpsgd.ClientNoise``) for code that computes
+        per-sample gradients itself (client batching); ``None``: local training adds no noise."""
+        return None
 
     def client_update(self, delta: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, float]:
         """The vector a client contributes and its aggregation weight (FedAvg: exact sample count)."""

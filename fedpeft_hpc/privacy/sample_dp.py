@@ -42,6 +42,7 @@ from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.sampling import CLIENT_NOISE, torch_generator
 from fedpeft_hpc.privacy.accounting import epsilon_of, merge_history, noise_for
 from fedpeft_hpc.privacy.base import DPHooks
+from fedpeft_hpc.privacy.dpsgd import ClientNoise
 
 log = logging.getLogger(__name__)
 
@@ -226,11 +227,8 @@ class SampleDP(DPHooks):
         lists = (indices[np.asarray(pos, dtype=np.int64)] for pos in sampler)
         return batches_from_index_lists(dataset, lists, num_workers=num_workers)
 
-    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, client: int, round_idx: int,
-                       num_samples: int) -> torch.optim.Optimizer:
-        _, opt_cls = _gsm_classes()
-        if self._wrapped is None:
-            raise RuntimeError("SampleDP.wrap_optimizer before wrap_model")
+    def client_noise(self, client: int, round_idx: int, num_samples: int) -> ClientNoise:
+        """Client ``client``'s DP-SGD step in ``round_idx``: noise, clipping norm, expected batch, noise source."""
         sigma = self.noise[client]
         if sigma is None:
             raise RuntimeError(f"client {client} trains in round {round_idx} but the schedule gave it no rounds")
@@ -238,8 +236,18 @@ class SampleDP(DPHooks):
             raise ValueError(f"client {client}: {num_samples} samples, accounted for {self.sizes[client]}")
         expected = self.sample_rates[client] * self.sizes[client]
         gen = torch_generator(self.seed, CLIENT_NOISE, round_idx, client, device=self.device)
-        return opt_cls(optimizer, module=self._wrapped, noise_multiplier=sigma, max_grad_norm=self.max_grad_norm,
-                       expected_batch_size=expected, loss_reduction="mean", generator=gen)
+        return ClientNoise(noise_multiplier=sigma, max_grad_norm=self.max_grad_norm, expected_batch_size=expected,
+                           generator=gen)
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, client: int, round_idx: int,
+                       num_samples: int) -> torch.optim.Optimizer:
+        _, opt_cls = _gsm_classes()
+        if self._wrapped is None:
+            raise RuntimeError("SampleDP.wrap_optimizer before wrap_model")
+        spec = self.client_noise(client, round_idx, num_samples)
+        return opt_cls(optimizer, module=self._wrapped, noise_multiplier=spec.noise_multiplier,
+                       max_grad_norm=spec.max_grad_norm, expected_batch_size=spec.expected_batch_size,
+                       loss_reduction="mean", generator=spec.generator, secure_mode=spec.secure_mode)
 
     # -- accounting ----------------------------------------------------------------------
     def account(self, round_idx: int, trained: Sequence[int]) -> None:

@@ -1,0 +1,108 @@
+"""``fed.client_batch``: how many clients a rank trains at once (``off`` | K | ``auto``).
+
+``off`` (also 0 or 1) trains a rank's clients one after another. K >= 2 trains up to K at
+once (``federated.batched``), never more than a rank can get in one round. ``auto`` picks
+K from a memory budget measured on this device: a probe runs the real batched step (DP
+included) on zeros of the data's shape with 1 and 2 clients, their peak difference is the
+cost of one more client, and K is what fits in ``AUTO_BUDGET_FRACTION`` of the free device
+memory (CUDA) or of the available RAM (CPU), capped by the clients a rank can get.
+
+Methods whose client state is the whole model (``full``) and models with batch norm are
+trained one after another whatever the setting, with a log line saying so.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fedpeft_hpc.config.schema import Config, OptimConfig
+from fedpeft_hpc.config.load import parse_client_batch
+from fedpeft_hpc.federated.flat import FlatLayout
+
+log = logging.getLogger(__name__)
+
+AUTO_BUDGET_FRACTION = 0.5  # of free device memory / available RAM: room for the data path and other processes
+AUTO_MAX = 1024
+UNBATCHED_METHODS = ("full",)
+
+
+def plan_client_batch(cfg: Config, model: nn.Module, layout: FlatLayout, device: torch.device, image_shape: tuple,
+                      world_size: int, dp: bool) -> Optional[int]:
+    """K for this rank, or ``None``: train clients one after another."""
+    from fedpeft_hpc.federated.batched import has_batch_norm
+
+    want = parse_client_batch(cfg.fed.client_batch)
+    if want is None:
+        return None
+    if cfg.peft.method in UNBATCHED_METHODS:
+        log.info("fed.client_batch=%s: peft.method=%s trains its clients one after another (a client's state is "
+                 "the whole model)", cfg.fed.client_batch, cfg.peft.method)
+        return None
+    if has_batch_norm(model):
+        log.info("fed.client_batch=%s: %s has batch norm, which mixes the samples of a batch; clients are trained "
+                 "one after another", cfg.fed.client_batch, cfg.model.name)
+        return None
+    most = max(1, math.ceil(cfg.fed.clients_per_round / max(1, world_size)))
+    if want == "auto":
+        k = auto_client_batch(model, layout, cfg.optim, device, cfg.model.precision, image_shape,
+                              cfg.data.batch_size, dp, most)
+    else:
+        k = min(int(want), most)
+    log.info("fed.client_batch=%s: training up to %d clients at once per rank", cfg.fed.client_batch, k)
+    return k
+
+
+def probe_step_bytes(model: nn.Module, layout: FlatLayout, optim: OptimConfig, device: torch.device, precision: str,
+                     image_shape: tuple, batch_size: int, dp: bool, clients: int) -> Optional[int]:
+    """Peak memory of one batched step of ``clients`` clients (full batches of zeros), state included."""
+    from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob
+    from fedpeft_hpc.federated.memory import peak_memory
+    from fedpeft_hpc.privacy.dpsgd import ClientNoise
+
+    start = layout.flatten(dict(_named(model, layout)), torch.float32).to(device)
+    x = torch.zeros((batch_size, *image_shape))
+    y = torch.zeros(batch_size, dtype=torch.int64)
+    noise = ClientNoise(noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=float(batch_size)) if dp else None
+    was_training = model.training
+    with peak_memory(device) as peak:
+        trainer = BatchedClientTrainer(model, layout, optim, clients, device, precision)
+        jobs = [ClientJob(c, lambda: [(x, y)], noise) for c in range(clients)]
+        for _ in trainer.train(start, jobs):
+            pass
+        del trainer
+    model.train(was_training)
+    return peak.bytes
+
+
+def auto_client_batch(model: nn.Module, layout: FlatLayout, optim: OptimConfig, device: torch.device, precision: str,
+                      image_shape: tuple, batch_size: int, dp: bool, most: int) -> int:
+    from fedpeft_hpc.federated.memory import available_bytes
+
+    if most <= 1:
+        return 1
+    probe_step_bytes(model, layout, optim, device, precision, image_shape, batch_size, dp, 1)  # warm-up
+    one = probe_step_bytes(model, layout, optim, device, precision, image_shape, batch_size, dp, 1)
+    two = probe_step_bytes(model, layout, optim, device, precision, image_shape, batch_size, dp, 2)
+    free = available_bytes(device)
+    if one is None or two is None or free is None:
+        log.warning("fed.client_batch=auto: cannot measure memory on %s; training %d clients at once", device,
+                    min(most, 8))
+        return min(most, 8)
+    per_client = two - one if two > one else max(one, 1)
+    base = max(0, one - per_client)
+    budget = AUTO_BUDGET_FRACTION * free - base
+    k = int(max(1, min(most, AUTO_MAX, budget // per_client)))
+    log.info("fed.client_batch=auto: one more client costs %.1f MB at its peak (probe step, batch %d%s), %.0f MB "
+             "available on %s: K=%d", per_client / 2**20, batch_size, ", DP-SGD" if dp else "", free / 2**20,
+             device, k)
+    return k
+
+
+def _named(model: nn.Module, layout: FlatLayout):
+    params = dict(model.named_parameters())
+    return [(n, params[n].detach()) for n in layout.names]
