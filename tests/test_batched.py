@@ -93,7 +93,7 @@ def test_stacked_optimizer_is_torch_optim_per_row(optim):
 
 
 # -- batched vs sequential local training ------------------------------------------------------
-def _setup(method: str, dp: bool, *extra: str):
+def _setup(method: str, dp: bool, *extra: str, device: str = "cpu"):
     """Config, a fresh model (same seed every call) and a start state in which every PEFT tensor has a gradient."""
     from fedpeft_hpc.models import build_model
 
@@ -105,10 +105,11 @@ def _setup(method: str, dp: bool, *extra: str):
         over += ["privacy.mode=sample", "privacy.noise_multiplier=1.0", "privacy.max_grad_norm=0.05"]
     cfg = load_config(QUICKSTART, [*over, *extra])
     model, _ = build_model(cfg.model, cfg.peft, 0)
+    model.to(device)
     params = peft_params(model)
     layout = FlatLayout(params)
     start = layout.flatten(params, torch.float32)
-    start += 0.05 * torch.randn(start.shape, generator=torch.Generator().manual_seed(0))  # adapter up, LoRA B != 0
+    start += 0.05 * torch.randn(start.shape, generator=torch.Generator().manual_seed(0)).to(device)  # up, B != 0
     return cfg, sizes, model, params, layout, start
 
 
@@ -122,11 +123,11 @@ def _dataset(sizes):
     return ds, [np.arange(offsets[k], offsets[k + 1]) for k in range(len(sizes))]
 
 
-def _privacy(cfg, sizes):
+def _privacy(cfg, sizes, device="cpu"):
     from fedpeft_hpc.privacy import build_privacy
 
     return build_privacy(cfg, client_sizes=sizes, schedule=Schedule(0, len(sizes), len(sizes), 0.0), seed=0,
-                         device="cpu")
+                         device=device)
 
 
 def _batches(cfg, privacy, ds, parts, k):
@@ -134,24 +135,24 @@ def _batches(cfg, privacy, ds, parts, k):
     return privacy.client_batches(ds, parts[k], cfg.data.batch_size, cfg.fed.local_epochs, gen)
 
 
-def sequential(method, dp, *extra):
-    cfg, sizes, model, params, layout, start = _setup(method, dp, *extra)
+def sequential(method, dp, *extra, device="cpu"):
+    cfg, sizes, model, params, layout, start = _setup(method, dp, *extra, device=device)
     ds, parts = _dataset(sizes)
-    privacy = _privacy(cfg, sizes)
+    privacy = _privacy(cfg, sizes, device)
     train_model = privacy.wrap_model(model)
     out = {}
     for k in range(len(sizes)):
         opt = privacy.wrap_optimizer(make_optimizer(params.values(), cfg.optim), k, 1, sizes[k])
         out[k] = local_train(train_model, params, layout, start, _batches(cfg, privacy, ds, parts, k), opt,
-                             torch.device("cpu"))
+                             torch.device(device))
     return out
 
 
-def batched(method, dp, slots, *extra):
-    cfg, sizes, model, params, layout, start = _setup(method, dp, *extra)
+def batched(method, dp, slots, *extra, device="cpu"):
+    cfg, sizes, model, params, layout, start = _setup(method, dp, *extra, device=device)
     ds, parts = _dataset(sizes)
-    privacy = _privacy(cfg, sizes)
-    trainer = BatchedClientTrainer(model, layout, cfg.optim, slots, torch.device("cpu"))
+    privacy = _privacy(cfg, sizes, device)
+    trainer = BatchedClientTrainer(model, layout, cfg.optim, slots, torch.device(device))
     jobs = [ClientJob(k, lambda k=k: _batches(cfg, privacy, ds, parts, k), privacy.client_noise(k, 1, sizes[k]))
             for k in range(len(sizes))]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -209,6 +210,19 @@ def test_batched_adamw_equals_sequential(method, extra):
     torch.optim on identical gradients in ``test_stacked_optimizer_is_torch_optim_per_row``."""
     over = ("optim.name=adamw", "optim.lr=0.01", "optim.weight_decay=0.05", *extra)
     assert_same_updates(sequential(method, False, *over), batched(method, False, 2, *over))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method, dp", [("bias", False), ("lora", False), ("prompt", True), ("adapter", True)])
+def test_batched_equals_sequential_on_cuda(method, dp):
+    """The same equivalence with CUDA kernels (TF32 off: fp32 both ways) and CUDA noise generators."""
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        assert_same_updates(sequential(method, dp, device="cuda"), batched(method, dp, 2, device="cuda"))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 # -- planning: off | K | auto, full falls back -------------------------------------------------

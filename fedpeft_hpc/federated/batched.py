@@ -35,8 +35,6 @@ is not batched (a client's state is the whole model): the engine trains it seque
 from __future__ import annotations
 
 import contextlib
-import functools
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -158,7 +156,7 @@ class BatchedClientTrainer:
             raise ValueError("clients with and without DP-SGD noise in one batch")
         rows = active
         params = self._rows(rows)
-        with compute_precision(self.precision, self.device), _vmap_friendly_attention(self.model, self.device):
+        with compute_precision(self.precision, self.device), _vmap_friendly_attention(self.model):
             if all(dp):
                 grads = self._dp_grads(params, xs, ys, sizes, noises, rows)
             else:
@@ -243,31 +241,14 @@ class BatchedClientTrainer:
 
 
 # -- attention under vmap ----------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def sdpa_batches_natively(device_type: str) -> bool:
-    """Whether vmap has a batching rule for fused attention (forward and per-sample backward) here.
-
-    Without one (CPU, torch 2.14), vmap runs it sample by sample; timm's plain attention
-    (``fused_attn = False``) is then much faster under vmap.
-    """
-    q = torch.zeros(2, 1, 1, 3, 4, device=device_type, requires_grad=False)
-
-    def f(t):
-        return F.scaled_dot_product_attention(t, t, t).sum()
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        vmap(grad(f))(q)
-        vmap(lambda t: F.scaled_dot_product_attention(t, t, t))(q)
-    return not any("batching rule" in str(w.message) for w in caught)
-
-
 @contextlib.contextmanager
-def _vmap_friendly_attention(model: nn.Module, device: torch.device):
-    """timm attention modules use their plain (matmul + softmax) path while vmapped, if fused has no rule."""
-    if sdpa_batches_natively(device.type):
-        yield
-        return
+def _vmap_friendly_attention(model: nn.Module):
+    """timm attention modules take their plain path (matmul, softmax, matmul) while vmapped.
+
+    vmap has no batching rule for the fused CPU attention kernel (torch 2.14) and runs it
+    sample by sample; which fused kernel a GPU picks depends on dtype and shapes, and not
+    all have one either. The plain path is batched by vmap everywhere.
+    """
     mods = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool) and m.fused_attn]
     for m in mods:
         m.fused_attn = False
