@@ -5,7 +5,8 @@ once (``federated.batched``), never more than a rank can get in one round. ``aut
 K from a memory budget measured on this device: a probe runs the real batched step (DP
 included) on zeros of the data's shape with 1 and 2 clients, their peak difference is the
 cost of one more client, and K is what fits in ``AUTO_BUDGET_FRACTION`` of the free device
-memory (CUDA) or of the available RAM (CPU), capped by the clients a rank can get.
+memory (CUDA) or of this process's share of the available RAM (CPU: divided by the
+processes of the node), capped by the clients a rank can get.
 
 Methods whose client state is the whole model (``full``) and models with batch norm are
 trained one after another whatever the setting, with a log line saying so.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Optional
 
 import torch
@@ -89,6 +91,10 @@ def auto_client_batch(model: nn.Module, layout: FlatLayout, optim: OptimConfig, 
     one = probe_step_bytes(model, layout, optim, device, precision, image_shape, batch_size, dp, 1)
     two = probe_step_bytes(model, layout, optim, device, precision, image_shape, batch_size, dp, 2)
     free = available_bytes(device)
+    if free is not None and device.type != "cuda":  # the processes of this node share its RAM
+        from fedpeft_hpc.comm.world import detect_world
+
+        free //= max(1, detect_world(os.environ).local_world_size)
     if one is None or two is None or free is None:
         log.warning("fed.client_batch=auto: cannot measure memory on %s; training %d clients at once", device,
                     min(most, 8))
