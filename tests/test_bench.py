@@ -34,14 +34,15 @@ def test_every_module_registers_and_cuda_skips_nothing_it_needs():
     assert names == ["clients", "rounds", "memory", "ranks"]
     assert len(MODULES) == 4
     assert [m.name for m in measurements("quick", "cuda")] == names
+    assert [m.name for m in measurements("full", "cpu")] == ["clients", "clients_dp", "rounds", "memory", "ranks"]
 
 
 def test_clients_and_rounds_measure_ratios_of_this_run(tmp_path, tiny_profile):
-    from fedpeft_hpc.bench.clients import batched_vs_sequential
+    from fedpeft_hpc.bench.clients import batched_vs_opacus, batched_vs_sequential
     from fedpeft_hpc.bench.rounds import rounds
 
     ctx = context.BenchContext("quick", torch.device("cpu"), tmp_path)
-    rows = batched_vs_sequential(ctx) + rounds(ctx)
+    rows = batched_vs_sequential(ctx) + rounds(ctx) + batched_vs_opacus(ctx)
     by_key = {r.key: r for r in rows if r.key}
     assert set(by_key) == {"batched_speedup", "batching_bound", "fl_efficiency", "aggregation_share"}
     for r in rows:

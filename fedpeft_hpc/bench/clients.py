@@ -112,3 +112,44 @@ def _op_profile(ctx, model, layout, start, cfg, small, big, k: int) -> str:
         out.append(f"== {name}: {k} clients x batch {ctx.profile.batch}, {ctx.profile.steps} steps ==\n"
                    + prof.key_averages().table(sort_by=sort, row_limit=15))
     return "\n".join(out)
+
+
+@register_measurement("clients_dp", suites=("full",))
+def batched_vs_opacus(ctx: BenchContext) -> list[Row]:
+    """Sample-level DP-SGD: batched per-sample gradients vs Opacus's hooks one client after another."""
+    from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob
+    from fedpeft_hpc.federated.client import local_train, make_optimizer
+    from fedpeft_hpc.federated.sampling import Schedule
+    from fedpeft_hpc.models import build_model
+    from fedpeft_hpc.peft import peft_params
+    from fedpeft_hpc.privacy.sample_dp import SampleDP
+
+    p = ctx.profile
+    k = p.headline_clients
+    model, layout, start, cfg, spec = ctx.model(HEADLINE_METHOD)
+    dp_cfg = ctx.config(f"peft.method={HEADLINE_METHOD}", "privacy.mode=sample", "privacy.noise_multiplier=1.0")
+    sizes = [p.batch * p.steps] * k
+    dp = SampleDP(dp_cfg, client_sizes=sizes, schedule=Schedule(0, k, k, 0.0), seed=0, device=ctx.device)
+    twin, _ = build_model(dp_cfg.model, dp_cfg.peft, dp_cfg.seed, load_weights=False)  # Opacus hooks stay on it
+    twin.to(ctx.device)
+    twin_params = peft_params(twin)
+    wrapped = dp.wrap_model(twin)
+    small, _ = _pool(ctx, spec, k)
+    ctx.status(f"clients_dp: {HEADLINE_METHOD}, {k} clients")
+
+    def opacus():
+        for c in range(k):
+            opt = dp.wrap_optimizer(make_optimizer(twin_params.values(), cfg.optim), c, 1, sizes[c])
+            local_train(wrapped, twin_params, layout, start, small, opt, ctx.device, cfg.model.precision)
+
+    def batched():
+        trainer = BatchedClientTrainer(model, layout, cfg.optim, k, ctx.device, cfg.model.precision)
+        jobs = [ClientJob(c, lambda: small, dp.client_noise(c, 1, sizes[c])) for c in range(k)]
+        for _ in trainer.train(start, jobs):
+            pass
+
+    t = ctx.best_times({"opacus": opacus, "batched": batched})
+    ctx.release()
+    return [Row("batched DP-SGD vs Opacus clients one after another", f"{HEADLINE_METHOD}, {k} clients x batch "
+                f"{p.batch}, sample-level DP", t["opacus"] / t["batched"],
+                detail=f"{k / t['opacus']:.1f} -> {k / t['batched']:.1f} client-updates/s")]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 MODULES = [
-    "fedpeft_hpc.bench.clients",  # 1. batched vs sequential clients; 2. the batching bound
+    "fedpeft_hpc.bench.clients",  # 1. batched vs sequential clients (and DP-SGD, full suite); 2. the bound
     "fedpeft_hpc.bench.rounds",  # 3. FL efficiency; 4. aggregation share; 7. PEFT vs full fine-tuning
     "fedpeft_hpc.bench.memory",  # 5. memory per hosted client
     "fedpeft_hpc.bench.ranks",  # 6. two ranks vs one
