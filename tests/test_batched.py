@@ -256,7 +256,7 @@ def test_full_is_trained_sequentially_with_a_log_line(tmp_path, caplog):
 
 
 def test_auto_measures_memory_and_leaves_the_model_alone(tmp_path, caplog):
-    from fedpeft_hpc.federated.client_batch import probe_step_bytes
+    from fedpeft_hpc.federated.client_batch import client_bytes_estimate
 
     with caplog.at_level(logging.INFO, logger="fedpeft_hpc.federated.client_batch"):
         fr = _plan(tmp_path, "peft.method=adapter", "fed.client_batch=auto", "privacy.mode=sample",
@@ -264,13 +264,17 @@ def test_auto_measures_memory_and_leaves_the_model_alone(tmp_path, caplog):
     assert "one more client costs" in caplog.text
     assert 2 <= fr.client_batch <= fr.cfg.fed.clients_per_round  # this tiny model fits many clients
     assert torch.equal(fr.layout.flatten(fr.params, torch.float32), fr.global_vec)
-    # the probe's memory grows with the number of clients (activations of K mini-batches), and it
-    # draws nothing from the global RNG and leaves every tensor of the model as it was
+    # the CPU probe counts activations (they grow with the batch) and DP's per-sample tensors; it draws nothing
+    # from the global RNG and leaves every tensor of the model as it was
     before = {n: p.detach().clone() for n, p in fr.model.named_parameters()}
     rng = torch.get_rng_state()
-    args = (fr.model, fr.layout, fr.cfg.optim, torch.device("cpu"), "fp32", (3, 16, 16), 256, True)
-    one, eight = probe_step_bytes(*args, 1), probe_step_bytes(*args, 8)
-    assert one is not None and eight > one
+    args = (fr.model, fr.layout, fr.cfg.optim, torch.device("cpu"), "fp32", (3, 16, 16))
+    b16, b64, b64_dp = (client_bytes_estimate(*args, 16, False), client_bytes_estimate(*args, 64, False),
+                        client_bytes_estimate(*args, 64, True))
+    state = fr.layout.size * 4
+    assert 3.5 < (b64 - 3 * state) / (b16 - 3 * state) < 4.5  # activations: linear in the batch
+    assert b64_dp - b64 == 3 * 64 * state
+    assert b16 - 3 * state > 16 * 3 * 16 * 16 * 4  # at least the input of the first trainable layer per sample
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[n], p) for n, p in fr.model.named_parameters())
 

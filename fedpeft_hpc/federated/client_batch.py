@@ -2,14 +2,22 @@
 
 ``off`` (also 0 or 1) trains a rank's clients one after another. K >= 2 trains up to K at
 once (``federated.batched``), never more than a rank can get in one round. ``auto`` picks
-K from a memory budget measured on this device: a probe runs the real batched step (DP
-included) on zeros of the data's shape with 1 and 2 clients, their peak difference is the
-cost of one more client, and K is what fits in ``AUTO_BUDGET_FRACTION`` of the free device
-memory (CUDA) or of this process's share of the available RAM (CPU: divided by the
-processes of the node), capped by the clients a rank can get.
+K from a memory budget measured on this device with a probe step on zeros of the data's
+shape:
 
-Methods whose client state is the whole model (``full``) and models with batch norm are
-trained one after another whatever the setting, with a log line saying so.
+- CUDA: the real batched step (DP included) runs with 1 and 2 clients; the difference of
+  the allocator's peaks is the cost of one more client, the rest is fixed; the budget is
+  ``AUTO_BUDGET_FRACTION`` of the free device memory.
+- CPU: the resident set cannot tell (freed memory stays in the process and is reused),
+  so the probe is one forward of the model at the client batch, counting the bytes of
+  every tensor autograd saves for the backward (the activations, frozen weights excluded),
+  plus the client's stacked state, gradient and optimizer state, plus for DP-SGD its
+  per-sample parameters and gradients; the budget is ``AUTO_BUDGET_FRACTION`` of this
+  process's share of the available RAM (divided by the processes of the node).
+
+K is capped by the clients a rank can get in a round. Methods whose client state is the
+whole model (``full``) and models with batch norm are trained one after another whatever
+the setting, with a log line saying so.
 """
 
 from __future__ import annotations
@@ -61,7 +69,8 @@ def plan_client_batch(cfg: Config, model: nn.Module, layout: FlatLayout, device:
 
 def probe_step_bytes(model: nn.Module, layout: FlatLayout, optim: OptimConfig, device: torch.device, precision: str,
                      image_shape: tuple, batch_size: int, dp: bool, clients: int) -> Optional[int]:
-    """Peak memory of one batched step of ``clients`` clients (full batches of zeros), state included."""
+    """Peak memory the allocator reports for one batched step of ``clients`` clients (full batches of zeros),
+    state included; ``None`` where the device cannot measure it."""
     from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob
     from fedpeft_hpc.federated.memory import peak_memory
     from fedpeft_hpc.privacy.dpsgd import ClientNoise
@@ -81,31 +90,72 @@ def probe_step_bytes(model: nn.Module, layout: FlatLayout, optim: OptimConfig, d
     return peak.bytes
 
 
+def client_bytes_estimate(model: nn.Module, layout: FlatLayout, optim: OptimConfig, device: torch.device,
+                          precision: str, image_shape: tuple, batch_size: int, dp: bool) -> int:
+    """What one more client costs in a batched step: its activations (the tensors autograd saves in a forward at
+    the client batch, frozen weights excluded), its state, gradient and optimizer state, and for DP-SGD its
+    per-sample parameters and gradients."""
+    import torch.nn.functional as F
+
+    from fedpeft_hpc.models.precision import compute_precision
+
+    shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: set = set()
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in shared and key not in seen:
+            seen.add(key)
+            saved += storage.nbytes()
+        return t
+
+    x = torch.zeros((batch_size, *image_shape), device=device)
+    y = torch.zeros(batch_size, dtype=torch.int64, device=device)
+    was_training = model.training
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), compute_precision(precision, device):
+        loss = F.cross_entropy(model(x).float(), y)
+    del loss
+    model.train(was_training)
+    state = layout.size * 4
+    per_tensor_copies = 2 + (2 if optim.name == "adamw" else 1)  # row, gradient, optimizer state(s)
+    per_sample = 3 * batch_size * state if dp else 0  # per-sample parameters, gradients, clipped gradients
+    return saved + per_tensor_copies * state + per_sample
+
+
 def auto_client_batch(model: nn.Module, layout: FlatLayout, optim: OptimConfig, device: torch.device, precision: str,
                       image_shape: tuple, batch_size: int, dp: bool, most: int) -> int:
     from fedpeft_hpc.federated.memory import available_bytes
 
     if most <= 1:
         return 1
-    probe_step_bytes(model, layout, optim, device, precision, image_shape, batch_size, dp, 1)  # warm-up
-    one = probe_step_bytes(model, layout, optim, device, precision, image_shape, batch_size, dp, 1)
-    two = probe_step_bytes(model, layout, optim, device, precision, image_shape, batch_size, dp, 2)
     free = available_bytes(device)
-    if free is not None and device.type != "cuda":  # the processes of this node share its RAM
+    base = 0
+    if device.type == "cuda":
+        args = (model, layout, optim, device, precision, image_shape, batch_size, dp)
+        probe_step_bytes(*args, 1)  # warm-up: kernels, workspaces
+        one, two = probe_step_bytes(*args, 1), probe_step_bytes(*args, 2)
+        per_client = two - one if two > one else one
+        base = max(0, one - per_client)
+        how = "probe steps with 1 and 2 clients"
+    else:
         from fedpeft_hpc.comm.world import detect_world
 
-        free //= max(1, detect_world(os.environ).local_world_size)
-    if one is None or two is None or free is None:
-        log.warning("fed.client_batch=auto: cannot measure memory on %s; training %d clients at once", device,
+        if free is not None:  # the processes of this node share its RAM
+            free //= max(1, detect_world(os.environ).local_world_size)
+        per_client = client_bytes_estimate(model, layout, optim, device, precision, image_shape, batch_size, dp)
+        how = "tensors saved for the backward of a probe forward"
+    if free is None:
+        log.warning("fed.client_batch=auto: cannot tell the free memory of %s; training %d clients at once", device,
                     min(most, 8))
         return min(most, 8)
-    per_client = two - one if two > one else max(one, 1)
-    base = max(0, one - per_client)
     budget = AUTO_BUDGET_FRACTION * free - base
-    k = int(max(1, min(most, AUTO_MAX, budget // per_client)))
-    log.info("fed.client_batch=auto: one more client costs %.1f MB at its peak (probe step, batch %d%s), %.0f MB "
-             "available on %s: K=%d", per_client / 2**20, batch_size, ", DP-SGD" if dp else "", free / 2**20,
-             device, k)
+    k = int(max(1, min(most, AUTO_MAX, budget // max(1, per_client))))
+    log.info("fed.client_batch=auto: one more client costs %.1f MB (%s, batch %d%s), %.0f MB available on %s: "
+             "K=%d", per_client / 2**20, how, batch_size, ", DP-SGD" if dp else "", free / 2**20, device, k)
     return k
 
 
