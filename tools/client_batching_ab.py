@@ -7,7 +7,8 @@ Times one forward/backward of K clients' BitFit parameters at client batch B, fo
   backbone unbatched (the chosen way), with timm's fused attention and with its plain path;
 - ``index``: one batch of K*B samples through modules whose bias is ``stacked[client_id]``
   per sample (the other candidate: needs a batched twin of every module with a trainable tensor);
-- ``centralized``: one forward/backward at batch K*B (the bound).
+- ``centralized``: one forward/backward at batch K*B (the bound), with timm's fused attention
+  and with its plain path (the one vmap uses).
 
 Repeats are interleaved and the fastest kept, so load from other processes hits all alike.
 Usage: ``python tools/client_batching_ab.py [--clients 8,32] [--batch 16] [--device cpu|cuda]
@@ -112,12 +113,19 @@ def main() -> None:
             for i in range(k):
                 torch.autograd.grad(F.cross_entropy(model(x[i]), y[i]), list(params.values()))
 
-        def centralized():
-            torch.autograd.grad(F.cross_entropy(model(x.reshape(k * b, *x.shape[2:])), y.reshape(-1)),
-                                list(params.values()))
+        def centralized(fused: bool = True):
+            for m in attn:
+                m.fused_attn = fused
+            try:
+                torch.autograd.grad(F.cross_entropy(model(x.reshape(k * b, *x.shape[2:])), y.reshape(-1)),
+                                    list(params.values()))
+            finally:
+                for m in attn:
+                    m.fused_attn = True
 
         fns = {"sequential": sequential, "vmap (fused attn)": lambda: vmapped(True),
-               "vmap (plain attn)": lambda: vmapped(False), "index": indexed, "centralized": centralized}
+               "vmap (plain attn)": lambda: vmapped(False), "index": indexed, "centralized": centralized,
+               "centralized (plain attn)": lambda: centralized(False)}
         best = {n: float("inf") for n in fns}
         for rep in range(args.repeats + 1):
             for n, fn in fns.items():
