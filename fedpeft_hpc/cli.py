@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top operators of the batched step and of centralized training")
     p.add_argument("--threads", type=int, default=0, metavar="N",
-                   help="CPU threads of the in-process measurements (default 0: torch's default, all cores)")
+                   help="CPU threads of the in-process measurements (default 0: the cores not busy with other "
+                        "work, i.e. cores minus the 1-minute load average, at least 1)")
     p.add_argument("--only", default=None, metavar="NAMES",
                    help="comma-separated measurements to run (clients, rounds, memory, ranks)")
     p.set_defaults(func=cmd_bench)

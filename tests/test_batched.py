@@ -252,7 +252,8 @@ def test_full_is_trained_sequentially_with_a_log_line(tmp_path, caplog):
         fr = _plan(tmp_path, "peft.method=full", "fed.client_batch=4")
     assert fr.client_batch is None
     assert "peft.method=full trains its clients one after another" in caplog.text
-    assert _plan(tmp_path, "peft.method=bias", "fed.client_batch=16", "run.dir=" + str(tmp_path / "b")).client_batch == 4
+    fr = _plan(tmp_path, "peft.method=bias", "fed.client_batch=16", "run.dir=" + str(tmp_path / "b"))
+    assert fr.client_batch == 4  # never more than the clients a rank gets in a round
 
 
 def test_auto_measures_memory_and_leaves_the_model_alone(tmp_path, caplog):

@@ -3,7 +3,8 @@
 A rank trains K clients of ``steps`` local steps at client batch B. Sequential: one after
 another, exactly as the engine does with ``fed.client_batch=off`` (a fresh optimizer, the
 global state loaded, ``local_train``). Batched: ``BatchedClientTrainer`` with K slots. Their
-client-updates/s ratio is ``batched_speedup`` (on CUDA with the batched run's peak memory). The bound is plain centralized training of
+client-updates/s ratio is ``batched_speedup`` (on CUDA with the batched run's peak memory).
+The bound is plain centralized training of
 the same model and method (``local_train`` on one optimizer) at batch K*B over batch B,
 samples/s: what any way of training K clients at once could gain on this machine
 (``batching_bound``). Targets (issue 8): batched >= 0.9 x bound; sequential >= 0.95 x

@@ -55,7 +55,8 @@ PROFILES = {
 }
 
 # what every bench config shares: synthetic in-memory data split evenly, no evaluation inside the measured rounds
-BASE = ("model.pretrained=false", "model.checkpoint=null", "model.pretrain_recipe=null", "data.name=synthetic", "data.partition=iid", "data.min_samples=1",
+BASE = ("model.pretrained=false", "model.checkpoint=null", "model.pretrain_recipe=null",
+        "data.name=synthetic", "data.partition=iid", "data.min_samples=1",
         "data.synthetic_test_samples=64", "run.progress=false", "eval.every=1000000", "fed.rounds=1000000",
         "fed.local_epochs=1", "fed.dropout=0", "privacy.mode=none", "server.optimizer=fedavg", "optim.name=sgd")
 

@@ -84,7 +84,8 @@ def _main(argv: list[str]) -> None:
                         f"fed.client_batch={COHORT}")
         fr.run_round(1)
         traced = tracemalloc.get_traced_memory()[0]  # what the run keeps (the peak is the data generation's)
-        out = {"clients": clients, "traced": traced, "peak_rss": peak_rss_bytes() or _maxrss_bytes(), "bytes_per_transfer": fr.counts["bytes_per_transfer"],
+        out = {"clients": clients, "traced": traced, "peak_rss": peak_rss_bytes() or _maxrss_bytes(),
+               "bytes_per_transfer": fr.counts["bytes_per_transfer"],
                "cuda_peak": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0}
     print(json.dumps(out), flush=True)
 

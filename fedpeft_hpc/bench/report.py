@@ -25,7 +25,7 @@ share the cores of a busy machine and slow the timings down).
 """
 
 
-def machine(device) -> str:
+def machine(device, threads: int | None = None) -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -44,6 +44,8 @@ def machine(device) -> str:
         text += f", load {load:.2f}"
     except OSError:
         pass
+    if threads:
+        text += f", {threads} thread{'s' if threads > 1 else ''}"
     return text
 
 

@@ -85,6 +85,7 @@ def rounds(ctx: BenchContext) -> list[Row]:
             key="aggregation_share"),
         Row("full fine-tuning / PEFT round time", f"full vs {setting}", t_full / t_peft,
             detail=f"{t_full:.2f} s vs {t_peft:.2f} s per round"),
-        Row("PEFT / full fine-tuning bytes per round", f"{HEADLINE_METHOD} vs full, {k} clients", bytes_peft / bytes_full,
+        Row("PEFT / full fine-tuning bytes per round", f"{HEADLINE_METHOD} vs full, {k} clients",
+            bytes_peft / bytes_full,
             detail=f"{bytes_peft / 1e6:.3f} MB vs {bytes_full / 1e6:.1f} MB"),
     ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -16,7 +17,8 @@ from fedpeft_hpc.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def run_bench(suite: str = "quick", device: str = "cpu", as_json: bool = False, markdown: Optional[str] = "BENCHMARKS.md",
+def run_bench(suite: str = "quick", device: str = "cpu", as_json: bool = False,
+              markdown: Optional[str] = "BENCHMARKS.md",
               profile_ops: bool = False, only: Optional[list[str]] = None, threads: int = 0,
               command: str = "fedpeft-hpc bench") -> int:
     from tqdm import tqdm
@@ -28,8 +30,7 @@ def run_bench(suite: str = "quick", device: str = "cpu", as_json: bool = False, 
     dev = _device(device)
     if threads < 0:
         raise ConfigError("--threads", f"must be >= 0, got {threads}")
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or idle_cores())
     todo = measurements(suite, dev.type)
     if only:
         unknown = sorted(set(only) - {m.name for m in todo})
@@ -37,7 +38,8 @@ def run_bench(suite: str = "quick", device: str = "cpu", as_json: bool = False, 
             raise ConfigError("--only", f"{', '.join(unknown)}: not a measurement of this suite; valid: "
                                         f"{', '.join(m.name for m in todo)}")
         todo = [m for m in todo if m.name in only]
-    meta = {"suite": suite, "device": str(dev), "date": report.now(), "machine": report.machine(dev),
+    meta = {"suite": suite, "device": str(dev), "date": report.now(),
+            "machine": report.machine(dev, torch.get_num_threads()),
             "versions": report.versions(), "command": command,
             "threads": torch.get_num_threads()}
     rows = []
@@ -61,6 +63,20 @@ def run_bench(suite: str = "quick", device: str = "cpu", as_json: bool = False, 
     if as_json:
         print(json.dumps(report.as_json(rows, meta)))
     return 0
+
+
+def idle_cores() -> int:
+    """The cores not busy with other work: all of them minus the 1-minute load average, at least 1.
+
+    More threads than free cores make OpenMP's workers wait on each other (a 2-thread run on
+    2 cores shared with 2 busy processes measured 3x slower than 1 thread).
+    """
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return cores
+    return max(1, min(cores, cores - int(round(load))))
 
 
 def _device(name: str) -> torch.device:
