@@ -174,6 +174,10 @@ def assert_same_updates(seq, bat):
 
 @pytest.mark.parametrize("method", BATCHED)
 def test_batched_clients_equal_sequential(method):
+    from fedpeft_hpc.federated.batched import classifier_only
+
+    _, _, model, _, layout, _ = _setup(method, False)
+    assert (classifier_only(model, layout) is not None) == (method == "head")  # head: backbone once, unbatched
     seq = sequential(method, False)
     assert len({r.steps for r in seq.values()}) > 2  # uneven step counts
     assert_same_updates(seq, batched(method, False, slots=3))  # 5 clients in 3 slots: slots are refilled

@@ -21,6 +21,9 @@ shared and a client's state is tiny, so a rank trains K clients at once here:
 - **Same data, same optimizer.** Each client's batches come from the same per-client
   iterator the sequential path uses (made when the client gets its slot), and its
   optimizer is torch's formula per row (``federated.stacked_optim``).
+- **Head only.** When every trainable tensor is the classifier's (``head``) and the model
+  splits into ``forward_features``/``forward_head`` (timm), the frozen backbone runs once,
+  unbatched and without autograd, over all K*B samples, and only the classifier is vmapped.
 - **Sample-level DP-SGD.** Per-sample gradients come from ``vmap`` over samples of
   ``torch.func.grad`` (each sample routed to its client's slot, no padding), then clipping,
   summing, noise from each client's own source and the division by its expected batch
@@ -75,6 +78,19 @@ def has_batch_norm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def classifier_only(model: nn.Module, layout: FlatLayout) -> Optional[tuple[nn.Module, str]]:
+    """``(classifier, its name)`` when every trainable tensor is the classifier's and the model splits into
+    ``forward_features`` + ``forward_head(pre_logits=True)`` + classifier (timm); otherwise ``None``."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module) or not all(hasattr(model, f) for f in ("forward_features", "forward_head")):
+        return None
+    prefix = next((name for name, m in model.named_modules() if m is head), "")
+    if prefix and all(n.startswith(prefix + ".") for n in layout.names):
+        return head, prefix
+    return None
+
+
 class BatchedClientTrainer:
     """Trains clients ``slots`` at a time on ``model`` (its PEFT tensors named by ``layout``)."""
 
@@ -95,6 +111,7 @@ class BatchedClientTrainer:
         self.optim = StackedOptimizer(self.stacked, optim)
         self.loss_sum = torch.zeros(slots, dtype=torch.float64, device=self.device)
         self.correct = torch.zeros(slots, dtype=torch.int64, device=self.device)
+        self.head = classifier_only(model, layout)
 
     # -- the loop ------------------------------------------------------------------------
     def train(self, start: torch.Tensor, jobs: Iterable[ClientJob]) -> Iterator[tuple[int, LocalResult]]:
@@ -187,9 +204,10 @@ class BatchedClientTrainer:
         n = torch.tensor(sizes, device=self.device)
         mask = torch.arange(bmax, device=self.device).unsqueeze(0) < n.unsqueeze(1)
         weight = mask / n.clamp(min=1).unsqueeze(1).to(torch.float32)
+        x, logits = self._inputs(x, batch_dims=2)
 
         def client_loss(p, xk, yk, wk):
-            out = functional_call(self.model, p, (xk,))
+            out = logits(p, xk)
             ce = F.cross_entropy(out.float(), yk, reduction="none")
             return (ce * wk).sum(), ce.detach(), out.detach().argmax(dim=-1)
 
@@ -200,6 +218,22 @@ class BatchedClientTrainer:
             self.loss_sum.index_add_(0, index, (ce * weight).sum(1).double() * n.double())
             self.correct.index_add_(0, index, ((pred == y) & mask).sum(1))
         return dict(zip(params, grads))
+
+    def _inputs(self, x: torch.Tensor, batch_dims: int):
+        """What the vmapped function gets, and how it turns one client's (or sample's) part into logits.
+
+        Head only: the pooled backbone features of all samples, computed once without vmap or autograd.
+        """
+        if self.head is None:
+            return x, lambda p, xk: functional_call(self.model, p, (xk,))
+        head, prefix = self.head
+        lead = x.shape[:batch_dims]
+        with torch.no_grad():
+            feats = self.model.forward_head(self.model.forward_features(x.reshape(-1, *x.shape[batch_dims:])),
+                                            pre_logits=True)
+        feats = feats.reshape(*lead, *feats.shape[1:])
+        cut = len(prefix) + 1
+        return feats, lambda p, fk: functional_call(head, {n[cut:]: t for n, t in p.items()}, (fk,))
 
     def _dp_grads(self, params, xs, ys, sizes, noises: list[ClientNoise], rows) -> dict[str, torch.Tensor]:
         """Per client: per-sample gradients clipped, summed, noised, divided (Opacus's DPOptimizer step)."""
@@ -213,9 +247,10 @@ class BatchedClientTrainer:
             x = torch.cat([xi for xi in xs if len(xi)])
             y = torch.cat([yi for yi in ys if len(yi)])
             per_sample = {n: p.detach().index_select(0, owner) for n, p in params.items()}
+            x, logits = self._inputs(x, batch_dims=1)
 
             def sample_loss(p, xi, yi):
-                out = functional_call(self.model, p, (xi.unsqueeze(0),))
+                out = logits(p, xi.unsqueeze(0))
                 ce = F.cross_entropy(out.float(), yi.unsqueeze(0))
                 return ce, (ce.detach(), out.detach().argmax(dim=-1).squeeze(0))
 
