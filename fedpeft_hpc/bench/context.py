@@ -44,7 +44,7 @@ class Profile:
 _VIT_B = ("model.name=vit_base_patch16_224", "model.img_size=224", "model.kwargs={}", "model.num_classes=100")
 PROFILES = {
     ("cpu", "quick"): Profile("quickstart ViT (d64, 4 blocks, 16 px; 0.14M params), fp32", (), "fp32", 16,
-                              (8, 32, 128), METHODS, (HEADLINE_METHOD,), 32, 2, 3, 64),
+                              (8, 32, 128), METHODS, (HEADLINE_METHOD,), 32, 2, 5, 64),
     ("cpu", "full"): Profile("ViT-tiny (32 px, patch 4; 5.4M params), fp32",
                              ("model.img_size=32", "model.kwargs={patch_size: 4}"), "fp32", 16, (8, 32, 128),
                              METHODS, METHODS, 32, 2, 2, 64),
