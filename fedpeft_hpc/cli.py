@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft-hpc {train,inspect,config,pretrain,quickstart,submit,sweep,report} ...``
+"""Command line: ``fedpeft-hpc {train,inspect,config,pretrain,quickstart,submit,sweep,report,bench} ...``
 (same as ``python -m fedpeft_hpc``).
 
 Bad input ends with a one-line message naming the key or file, exit status 2, and no
@@ -177,6 +177,19 @@ def _launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--qos", metavar="Q")
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fedpeft_hpc.bench.run import run_bench
+
+    setup_logging("warning")
+    flags = [f"--suite {args.suite}", f"--device {args.device}"] + (["--json"] if args.json else []) \
+        + (["--profile"] if args.profile else []) + ([f"--only {args.only}"] if args.only else []) \
+        + ([f"--threads {args.threads}"] if args.threads else [])
+    return run_bench(suite=args.suite, device=args.device, as_json=args.json,
+                     markdown=None if args.no_markdown else args.markdown, profile_ops=args.profile,
+                     only=[m for m in args.only.split(",") if m] if args.only else None, threads=args.threads,
+                     command="fedpeft-hpc bench " + " ".join(flags))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedpeft-hpc",
@@ -276,6 +289,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "data.partition,privacy.mode; short names work too); the lines of a panel are the "
                         "other settings")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("bench", help="measure this machine: batched vs sequential clients, the batching bound, FL "
+                                     "efficiency, aggregation share, memory per client, 2 ranks vs 1",
+                       description="Every figure is a ratio of two measurements taken in this run on this machine "
+                                   "(e.g. batched over sequential client training, or a federated round over "
+                                   "centralized training at the same total batch). Prints a table and appends it "
+                                   "to BENCHMARKS.md; --json prints one JSON object with batched_speedup, "
+                                   "batching_bound, fl_efficiency, aggregation_share, memory_per_client_ratio and "
+                                   "two_rank_speedup. The quick CPU suite takes a few minutes on 2 cores.")
+    p.add_argument("--suite", choices=("quick", "full"), default="quick",
+                   help="quick: small model, headline sizes; full: larger model, every method at 8/32/128 clients")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: ViT-B/16 at 224 px, bf16, client batch 16, 32 clients per rank")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the table goes to stderr)")
+    p.add_argument("--markdown", default="BENCHMARKS.md", metavar="PATH",
+                   help="append the rows to this Markdown table (default: BENCHMARKS.md)")
+    p.add_argument("--no-markdown", action="store_true", help="do not write BENCHMARKS.md")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's top operators of the batched step and of centralized training")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="CPU threads of the in-process measurements (default 0: the cores not busy with other "
+                        "work, i.e. cores minus the 1-minute load average, at least 1)")
+    p.add_argument("--only", default=None, metavar="NAMES",
+                   help="comma-separated measurements to run (clients, rounds, memory, ranks)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -32,6 +32,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from fedpeft_hpc.bench.registry import Row, at_most, register_measurement
+
 log = logging.getLogger(__name__)
 
 ISSUE_MODEL = ["model.name=vit_tiny_patch16_224", "model.img_size=32", "model.num_classes=10",
@@ -238,3 +240,25 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+@register_measurement("data")
+def data_rows(ctx) -> list[Row]:
+    """The data row of ``fedpeft-hpc bench``: ``data_path_row`` as table rows with their targets."""
+    ctx.status("data: data path vs model step, image folder vs tensors, workers")
+    d = data_path_row(ctx.device.type, ctx.suite)
+    main = "ViT-B/16 224 px, bias, batch 32, crop_flip" if "vit_b16_224" in d else "quickstart shape, bias"
+    ctx.release()
+    return [
+        Row("data path share of round time", main, d["data_share"], "< 0.05", at_most(d["data_share"], 0.05),
+            detail=f"data alone {d['data_images_per_s']:.0f} img/s, model step alone "
+                   f"{d['model_images_per_s']:.0f} img/s", extra={k: d[k] for k in ("data_images_per_s",
+                                                                                    "model_images_per_s")}),
+        Row("image-folder round / same shape as tensors", "2-block ViT 32 px, bias, 10 clients x 100 PNGs x 2 "
+            "epochs", d["folder_vs_tensors"], "<= 1.1", at_most(d["folder_vs_tensors"], 1.1),
+            detail=f"{d['issue']['folder_round_s']:.2f} s vs {d['issue']['tensors_round_s']:.2f} s per round"),
+        Row("data.num_workers=2 / 0 round time", "the same image-folder rounds", d["workers_vs_no_workers"],
+            "<= 1.05 (never slower, within timing noise)", at_most(d["workers_vs_no_workers"], 1.05),
+            detail=f"{d['issue']['folder_workers2_round_s']:.2f} s vs {d['issue']['folder_round_s']:.2f} s per round "
+                   "(5% timing noise allowed)"),
+    ]

@@ -265,6 +265,19 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def parse_client_batch(value: str) -> int | str | None:
+    """``fed.client_batch``: ``None`` (off; also 0 and 1), ``"auto"``, or K >= 2 clients a rank trains at once."""
+    v = str(value).strip().lower()
+    if v in ("off", "false", "no", "0", "1"):
+        return None
+    if v == "auto":
+        return "auto"
+    if not v.isdigit():
+        raise ConfigError("fed.client_batch", f"{value!r}: valid are off, auto, or how many clients a rank trains "
+                                              "at once (an integer >= 2; 0 and 1 mean off)")
+    return int(v)
+
+
 def validate(cfg: Config) -> None:
     """Rules that involve more than one field. Names kept in registries (``peft.method``,
     ``data.name``) are checked by the registries themselves (``fedpeft_hpc.preflight``)."""
@@ -275,10 +288,7 @@ def validate(cfg: Config) -> None:
     if fed.min_clients > fed.clients_per_round:
         raise ConfigError("fed.min_clients",
                           f"{fed.min_clients} is more than fed.clients_per_round={fed.clients_per_round}")
-    if fed.client_batch.lower() not in ("off", "false", "0", "1"):
-        raise ConfigError("fed.client_batch",
-                          f"{fed.client_batch!r}: batched client training is not implemented in this version; "
-                          "valid: off")
+    parse_client_batch(fed.client_batch)
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError("optim.betas", f"{cfg.optim.betas!r}: two numbers in [0, 1)")
     pv = cfg.privacy

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpeft_hpc.config.schema import OptimConfig
+from fedpeft_hpc.models.precision import compute_precision
 from fedpeft_hpc.peft.state import FlatLayout, load_vector
 
 
@@ -48,18 +49,20 @@ def train_mode(model: nn.Module) -> None:
 
 def local_train(model: nn.Module, params: Mapping[str, nn.Parameter], layout: FlatLayout,
                 start: torch.Tensor, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                optimizer: torch.optim.Optimizer, device: torch.device, layers_seed: int = 0) -> LocalResult:
+                optimizer: torch.optim.Optimizer, device: torch.device, layers_seed: int = 0,
+                precision: str = "fp32") -> LocalResult:
     """Train from ``start``; stochastic layers (dropout, drop-path) draw from ``layers_seed`` only,
-    never from the global random state (which is restored afterwards)."""
+    never from the global random state (which is restored afterwards); the forward/backward run
+    in ``precision`` (``model.precision``)."""
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(layers_seed)
-        return _train(model, params, layout, start, batches, optimizer, device)
+        return _train(model, params, layout, start, batches, optimizer, device, precision)
 
 
 def _train(model: nn.Module, params: Mapping[str, nn.Parameter], layout: FlatLayout, start: torch.Tensor,
            batches: Iterable[tuple[torch.Tensor, torch.Tensor]], optimizer: torch.optim.Optimizer,
-           device: torch.device) -> LocalResult:
+           device: torch.device, precision: str) -> LocalResult:
     load_vector(params, layout, start)
     train_mode(model)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -69,10 +72,11 @@ def _train(model: nn.Module, params: Mapping[str, nn.Parameter], layout: FlatLay
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        out = model(x)
-        # sum / n is the mean for a non-empty batch and a zero loss for an empty (Poisson) one
-        loss = F.cross_entropy(out, y, reduction="sum") / max(1, y.numel())
-        loss.backward()
+        with compute_precision(precision, device):
+            out = model(x)
+            # sum / n is the mean for a non-empty batch and a zero loss for an empty (Poisson) one
+            loss = F.cross_entropy(out, y, reduction="sum") / max(1, y.numel())
+            loss.backward()
         optimizer.step()
         steps += 1
         seen += y.numel()

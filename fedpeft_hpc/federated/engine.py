@@ -1,8 +1,9 @@
 """The server round loop. One frozen backbone per process; clients are PEFT states.
 
 Every round, on every rank: the same cohort is drawn; this rank trains the cohort
-members assigned to it (balanced by sample count) one after another on the shared
-backbone, sums their weighted updates in fp64, and ONE all-reduce (through the
+members assigned to it (balanced by sample count) on the shared backbone, one after
+another or K at a time (``fed.client_batch``, ``federated.batched``), sums their weighted
+updates in fp64, and ONE all-reduce (through the
 communicator handed in; this module never touches torch.distributed) aggregates
 updates, weights and metric sums. The server rule then runs identically on every rank,
 so no broadcast is needed and every rank holds the same global state.
@@ -10,6 +11,7 @@ so no broadcast is needed and every rank holds the same global state.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -26,7 +28,9 @@ from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.aggregate import RoundBuffer, RoundStats, update_is_valid
 from fedpeft_hpc.federated.agreement import (backbone_fingerprint, check_agreement, check_resume, config_fingerprint,
                                              data_fingerprint, partition_fingerprint, state_fingerprint)
+from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob
 from fedpeft_hpc.federated.client import local_train, make_optimizer
+from fedpeft_hpc.federated.client_batch import plan_client_batch
 from fedpeft_hpc.federated.evaluate import evaluate_shard
 from fedpeft_hpc.federated.ledger import ByteLedger
 from fedpeft_hpc.federated.sampling import Schedule, assign_to_ranks, cohort_sampling
@@ -91,6 +95,8 @@ class RoundResult:
     test: tuple[float, float] | None  # (accuracy, loss) in evaluation rounds
     privacy: dict  # epsilon spent so far (DP runs)
     collective: dict  # all-reduce record (several processes)
+    train_s: float  # local training of this rank's clients (in-rank accumulation excluded)
+    aggregate_s: float  # in-rank sums, the all-reduce and the server step
     wall_s: float
 
     def row(self) -> dict[str, Any]:
@@ -104,6 +110,7 @@ class RoundResult:
             row["test_acc"], row["test_loss"] = self.test
         row.update(self.privacy)
         row.update(self.collective)
+        row["train_s"], row["aggregate_s"] = self.train_s, self.aggregate_s
         row["wall_s"] = self.wall_s
         return row
 
@@ -139,7 +146,14 @@ class FederatedTrainer:
                                "start_round": self.start_round, "global_state": state_fingerprint(self.global_vec),
                                "partition": partition_fingerprint(self.fed.client_indices)})
         noise_key = self._noise_key()
-        self.train_model = self.fed.privacy.wrap_model(self.model)  # may still refuse the model
+        image = self.fed.built.image
+        self.client_batch = plan_client_batch(cfg, self.model, self.layout, comm.device,
+                                              (image.in_chans, image.img_size, image.img_size), comm.world_size,
+                                              dp=cfg.privacy.mode == "sample")
+        # batched clients compute their own per-sample gradients: no Opacus hooks on the shared model
+        self.train_model = (self.model if self.client_batch
+                            else self.fed.privacy.wrap_model(self.model))  # may still refuse the model
+        self.accumulate_s = 0.0
         self.rundir.start(cfg, resume)
         # from here on this process's log also goes to the run directory (until fit() ends or close())
         self._detach_log = log_to_file(self.rundir.log_path(comm.rank), comm.rank, comm.world_size)
@@ -183,33 +197,57 @@ class FederatedTrainer:
 
     # -- one round -----------------------------------------------------------------------
     def _train_clients(self, round_idx: int, clients: list[int]) -> RoundBuffer:
-        """Train ``clients`` (this rank's share) one after another; their weighted updates, summed."""
-        cfg, fed, device = self.cfg, self.fed, self.comm.device
-        buf = RoundBuffer(self.layout.size, device)
-        for client in clients:
-            gen = torch_generator(cfg.seed, CLIENT_DATA, round_idx, client)
-            source = self.sources.client(torch_generator(cfg.seed, AUGMENT, round_idx, client))
-            n = int(fed.sizes[client])
-            batches = fed.privacy.client_batches(source, fed.client_indices[client], cfg.data.batch_size,
-                                                 cfg.fed.local_epochs, gen, cfg.data.num_workers)
-            opt = make_optimizer(self.params.values(), cfg.optim)
-            opt = fed.privacy.wrap_optimizer(opt, client, round_idx, n)
-            res = local_train(self.train_model, self.params, self.layout, self.global_vec, batches, opt, device,
-                              layers_seed=derived_seed(cfg.seed, CLIENT_LAYERS, round_idx, client))
-            vec, weight = fed.privacy.client_update(res.delta, n)
+        """Train ``clients`` (this rank's share); their weighted updates, summed."""
+        cfg, fed = self.cfg, self.fed
+        buf = RoundBuffer(self.layout.size, self.comm.device)
+        self.accumulate_s = 0.0
+        for client, res in self._local_results(round_idx, clients):
+            t0 = time.perf_counter()
+            vec, weight = fed.privacy.client_update(res.delta, int(fed.sizes[client]))
             if update_is_valid(vec, cfg.fed.max_update_norm):
                 buf.add(vec, weight, res.loss_sum, res.seen, res.correct)
             else:
                 log.warning("round %d: rejected the update of client %d (non-finite or too large)", round_idx,
                             client)
                 buf.reject()
+            self.accumulate_s += time.perf_counter() - t0
         return buf
+
+    def _client_batches(self, round_idx: int, client: int):
+        """Client ``client``'s local-training batches in ``round_idx``: data order and augmentation drawn
+        from (seed, round, client), on the rank's device; the same for the sequential and batched paths."""
+        cfg, fed = self.cfg, self.fed
+        gen = torch_generator(cfg.seed, CLIENT_DATA, round_idx, client)
+        source = self.sources.client(torch_generator(cfg.seed, AUGMENT, round_idx, client))
+        return fed.privacy.client_batches(source, fed.client_indices[client], cfg.data.batch_size,
+                                          cfg.fed.local_epochs, gen, cfg.data.num_workers)
+
+    def _local_results(self, round_idx: int, clients: list[int]):
+        """``(client, LocalResult)`` for each of this rank's clients: K at a time, or one after another."""
+        cfg, fed, device = self.cfg, self.fed, self.comm.device
+        if self.client_batch and clients:
+            # longest first: the slots of clients that finish are refilled, so the short ones fill the tail
+            order = sorted(clients, key=lambda c: (-int(fed.sizes[c]), c))
+            jobs = [ClientJob(c, functools.partial(self._client_batches, round_idx, c),
+                              fed.privacy.client_noise(c, round_idx, int(fed.sizes[c]))) for c in order]
+            trainer = BatchedClientTrainer(self.model, self.layout, cfg.optim, min(self.client_batch, len(clients)),
+                                           device, cfg.model.precision)
+            yield from trainer.train(self.global_vec, jobs)
+            return
+        for client in clients:
+            opt = make_optimizer(self.params.values(), cfg.optim)
+            opt = fed.privacy.wrap_optimizer(opt, client, round_idx, int(fed.sizes[client]))
+            yield client, local_train(self.train_model, self.params, self.layout, self.global_vec,
+                                      self._client_batches(round_idx, client), opt, device,
+                                      layers_seed=derived_seed(cfg.seed, CLIENT_LAYERS, round_idx, client),
+                                      precision=cfg.model.precision)
 
     def _evaluate(self) -> tuple[float, float]:
         comm = self.comm
         load_vector(self.params, self.layout, self.global_vec)
         sums = evaluate_shard(self.model, self.sources.test, self.cfg.data.eval_batch_size, comm.device,
-                              comm.rank, comm.world_size, self.cfg.data.num_workers)
+                              comm.rank, comm.world_size, self.cfg.data.num_workers,
+                              precision=self.cfg.model.precision)
         comm.allreduce_sum_(sums, tag="eval")
         loss_sum, correct, count = sums.tolist()
         return correct / count, loss_sum / count
@@ -223,6 +261,7 @@ class FederatedTrainer:
         # 2. this rank trains its share of the returning clients and sums their weighted updates
         share = assign_to_ranks(returning, fed.sizes, comm.world_size)[comm.rank]
         buf = self._train_clients(round_idx, share)
+        t_trained = _synced(comm.device)
         # 3. ONE all-reduce aggregates updates, weights and metric sums of every rank
         calls_before = comm.call_count("aggregate")
         comm.allreduce_sum_(buf.values, tag="aggregate")
@@ -232,6 +271,7 @@ class FederatedTrainer:
         if applied:
             delta = fed.privacy.finalize(update_sum, stats.weight_sum, round_idx)
             self.server_opt.step(self.global_vec, delta.to(torch.float32))
+        t_aggregated = _synced(comm.device)
         fed.privacy.account(round_idx, returning)
         # 5. bytes, evaluation, privacy spent
         bytes_row = self.ledger.record(sampled=len(cohort), returned=stats.returned + stats.rejected)
@@ -249,7 +289,9 @@ class FederatedTrainer:
                           "world_size": comm.world_size}
         return RoundResult(round=round_idx, sampled=len(cohort), returning=len(returning), stats=stats,
                            applied=applied, bytes=bytes_row, test=test, privacy=self._privacy_fields(),
-                           collective=collective, wall_s=time.perf_counter() - t0)
+                           collective=collective, train_s=t_trained - t0 - self.accumulate_s,
+                           aggregate_s=t_aggregated - t_trained + self.accumulate_s,
+                           wall_s=time.perf_counter() - t0)
 
     # -- the loop ------------------------------------------------------------------------
     def _sinks(self) -> MetricsSinks:
@@ -324,6 +366,13 @@ class FederatedTrainer:
         if math.isinf(eps):
             return {"epsilon": None, "epsilon_unbounded": True, "delta": self.cfg.privacy.delta}
         return {"epsilon": eps, "delta": self.cfg.privacy.delta}
+
+
+def _synced(device: torch.device) -> float:
+    """``time.perf_counter()`` after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _progress(cfg: Config, is_main: bool, start: int):

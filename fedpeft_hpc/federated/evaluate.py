@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedpeft_hpc.data.loader import iterate_batches
+from fedpeft_hpc.models.precision import compute_precision
 
 
 def shard_indices(n: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
@@ -22,8 +23,8 @@ def shard_indices(n: int, batch_size: int, rank: int, world_size: int) -> np.nda
 
 @torch.no_grad()
 def evaluate_shard(model: nn.Module, dataset, batch_size: int, device: torch.device, rank: int = 0,
-                   world_size: int = 1, num_workers: int = 0) -> torch.Tensor:
-    """``[loss_sum, correct, count]`` (fp64) over this rank's batches."""
+                   world_size: int = 1, num_workers: int = 0, precision: str = "fp32") -> torch.Tensor:
+    """``[loss_sum, correct, count]`` (fp64) over this rank's batches; the forward runs in ``precision``."""
     was_training = model.training
     model.eval()
     out = torch.zeros(3, dtype=torch.float64, device=device)
@@ -31,7 +32,8 @@ def evaluate_shard(model: nn.Module, dataset, batch_size: int, device: torch.dev
     if len(idx):
         for x, y in iterate_batches(dataset, idx, batch_size, None, shuffle=False, num_workers=num_workers):
             x, y = x.to(device), y.to(device)
-            logits = model(x)
+            with compute_precision(precision, device):
+                logits = model(x).float()
             out[0] += F.cross_entropy(logits, y, reduction="sum").double()
             out[1] += (logits.argmax(dim=1) == y).sum()
             out[2] += y.numel()

@@ -1,7 +1,8 @@
 """The interface through which privacy shapes a round, and plain FedAvg (``NoPrivacy``).
 
 The engine calls, per run: ``use_noise`` and ``wrap_model`` once; per client:
-``wrap_optimizer``, ``client_batches``, then (after local training) ``client_update``; per
+``wrap_optimizer`` (or, when clients are trained batched, ``client_noise``), ``client_batches``,
+then (after local training) ``client_update``; per
 round, on every rank, after the one all-reduce: ``finalize`` and ``account``; and
 ``epsilon``/``report`` for the logs, ``state_dict``/``load_state_dict`` for checkpoints. A mechanism may shape only what these hooks
 hand it, so everything a guarantee rests on is visible here. (Modelled on pfl-research's
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from fedpeft_hpc.data.loader import iterate_batches
+from fedpeft_hpc.privacy.dpsgd import ClientNoise
 from fedpeft_hpc.privacy.noise import NoiseKey
 
 
@@ -43,6 +45,11 @@ class PrivacyMechanism(ABC):
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, client: int, round_idx: int,
                        num_samples: int) -> torch.optim.Optimizer:
         """The optimizer that client ``client`` steps with in round ``round_idx``."""
+
+    @abstractmethod
+    def client_noise(self, client: int, round_idx: int, num_samples: int) -> ClientNoise | None:
+        """The client's per-step DP-SGD parameters and noise source, for code that computes per-sample
+        gradients itself (client-batched training); ``None``: local training adds no noise."""
 
     @abstractmethod
     def client_update(self, delta: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, float]:
@@ -88,6 +95,9 @@ class PlainLocalTraining:
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, client: int, round_idx: int,
                        num_samples: int) -> torch.optim.Optimizer:
         return optimizer
+
+    def client_noise(self, client: int, round_idx: int, num_samples: int) -> ClientNoise | None:
+        return None
 
 
 class SampleWeightedMean:

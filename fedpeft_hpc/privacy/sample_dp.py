@@ -46,6 +46,7 @@ from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.peft.prompt import PromptTokens
 from fedpeft_hpc.privacy.accounting import merge_history
 from fedpeft_hpc.privacy.base import SampleWeightedMean
+from fedpeft_hpc.privacy.dpsgd import ClientNoise
 from fedpeft_hpc.privacy.mechanism import DPMechanism
 from fedpeft_hpc.utils.streams import CLIENT_NOISE
 
@@ -224,11 +225,8 @@ class SampleDP(SampleWeightedMean, DPMechanism):
         lists = (indices[np.asarray(pos, dtype=np.int64)] for pos in sampler)
         return batches_from_index_lists(dataset, lists, num_workers=num_workers)
 
-    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, client: int, round_idx: int,
-                       num_samples: int) -> torch.optim.Optimizer:
-        _, opt_cls = _gsm_classes()
-        if self._wrapped is None:
-            raise RuntimeError("SampleDP.wrap_optimizer before wrap_model")
+    def client_noise(self, client: int, round_idx: int, num_samples: int) -> ClientNoise:
+        """Client ``client``'s DP-SGD step in ``round_idx``: noise, clipping norm, expected batch, noise source."""
         sigma = self.noise[client]
         if sigma is None:
             raise RuntimeError(f"client {client} trains in round {round_idx} but the schedule gave it no rounds")
@@ -236,9 +234,18 @@ class SampleDP(SampleWeightedMean, DPMechanism):
             raise ValueError(f"client {client}: {num_samples} samples, accounted for {self.sizes[client]}")
         expected = self.sample_rates[client] * self.sizes[client]
         gen = self.generator(CLIENT_NOISE, round_idx, client, device=self.device)
-        return opt_cls(optimizer, module=self._wrapped, noise_multiplier=sigma, max_grad_norm=self.max_grad_norm,
-                       expected_batch_size=expected, loss_reduction="mean", generator=gen,
-                       secure_mode=not self.seeded_noise)
+        return ClientNoise(noise_multiplier=sigma, max_grad_norm=self.max_grad_norm, expected_batch_size=expected,
+                           generator=gen, secure_mode=not self.seeded_noise)
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, client: int, round_idx: int,
+                       num_samples: int) -> torch.optim.Optimizer:
+        _, opt_cls = _gsm_classes()
+        if self._wrapped is None:
+            raise RuntimeError("SampleDP.wrap_optimizer before wrap_model")
+        spec = self.client_noise(client, round_idx, num_samples)
+        return opt_cls(optimizer, module=self._wrapped, noise_multiplier=spec.noise_multiplier,
+                       max_grad_norm=spec.max_grad_norm, expected_batch_size=spec.expected_batch_size,
+                       loss_reduction="mean", generator=spec.generator, secure_mode=spec.secure_mode)
 
     # -- accounting ----------------------------------------------------------------------
     def account(self, round_idx: int, returning: Sequence[int]) -> None:
