@@ -21,3 +21,10 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint or weights file is missing, unreadable or does not fit the model."""
+
+
+class RanksDisagree(UserError):
+    """Every rank of a job found that the ranks differ (the check is collective): all ranks
+    raise it together, so they can still leave the process group together."""
+
+    raised_by_all_ranks = True

@@ -51,18 +51,22 @@ def test_subsample_and_test_split_become_an_image_folder_with_exact_pixels(tmp_p
     assert not (tmp_path / "pcam.partial").exists()
 
     # the project's own image-folder builder reads it: labels in order, pixels exact (PNG is lossless)
-    cfg = load_config(None, ["data.name=imagefolder", f"data.root={dest}"])
+    from fedpeft_hpc.data.cache import scan_folder
+
+    cfg = load_config(None, ["data.name=imagefolder", f"data.root={dest}", f"data.cache_dir={tmp_path / 'cache'}"])
     bundle = build_datasets(cfg.data, ImageSpec(img_size=96, mean=(0.0,), std=(1.0,)), seed=0)
     assert bundle.num_classes == 2 and len(bundle.train) == 15 and len(bundle.test) == 9
-    by_file = {s[0].rsplit("_", 1)[1][:-4]: s[1] for s in bundle.train.samples}
-    assert {int(i): y for i, y in by_file.items()} == {int(i): int(ytr[i]) for i in keep}
+    # the store holds the images in the folder scan's order; the file names carry the source index
+    train_ids = [int(p[-10:-4]) for p in scan_folder(dest / "train").paths]
+    assert sorted(train_ids) == keep.tolist()
+    assert bundle.train.labels.tolist() == [int(ytr[i]) for i in train_ids]
     i = int(keep[4])
-    pos = [k for k, s in enumerate(bundle.train.samples) if s[0].endswith(f"pcam_train_{i:06d}.png")][0]
-    img, label = bundle.train[pos]
+    img, label = bundle.train[train_ids.index(i)]
     assert label == ytr[i]
     assert np.array_equal((img.numpy().transpose(1, 2, 0) * 255).round().astype(np.uint8), xtr[i])
-    assert sorted(int(s[0][-10:-4]) for s in bundle.test.samples) == list(range(9))
-    assert [s[1] for s in sorted(bundle.test.samples, key=lambda s: s[0][-10:])] == yte.tolist()
+    test_ids = [int(p[-10:-4]) for p in scan_folder(dest / "test").paths]
+    assert sorted(test_ids) == list(range(9))
+    assert bundle.test.labels.tolist() == [int(yte[i]) for i in test_ids]
 
 
 def test_bad_input_exits_2_and_touches_nothing(tmp_path):

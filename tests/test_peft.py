@@ -107,3 +107,32 @@ def test_state_order_is_fixed():
     a = list(peft_params(apply_peft(tiny_vit(), PeftConfig(method="bias"))))
     b = list(peft_params(apply_peft(tiny_vit(), PeftConfig(method="bias"))))
     assert a == b == sorted(a)
+
+
+def test_the_cuda_layer_norm_fix_is_the_same_function_with_a_bias_gradient():
+    """``split_layer_norm_bias`` (for a CUDA backward bug) is applied on CUDA only and computes the
+    same outputs and gradients as the fused LayerNorm."""
+    import timm
+
+    from fedpeft_hpc.models import device_fixes
+
+    def model():
+        torch.manual_seed(0)
+        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=16, patch_size=4,
+                              depth=2, embed_dim=32, num_heads=2)
+        apply_peft(m, PeftConfig(method="bias"))
+        return m
+
+    fused, split = model(), model()
+    assert device_fixes.apply_device_fixes(split, torch.device("cpu")) == []  # CPU: untouched
+    changed = device_fixes.split_layer_norm_bias(split)
+    assert "norm" in changed and len(changed) == 5  # 2 blocks x 2 norms + the final norm
+    x = torch.randn(4, 3, 16, 16)
+    out_f, out_s = fused(x), split(x)
+    torch.testing.assert_close(out_s, out_f, atol=1e-5, rtol=1e-5)
+    out_f.square().sum().backward()
+    out_s.square().sum().backward()
+    pf, ps = peft_params(fused), peft_params(split)
+    for k in pf:
+        assert ps[k].grad is not None
+        torch.testing.assert_close(ps[k].grad, pf[k].grad, atol=1e-5, rtol=1e-4)

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check, run on a lent GPU machine (never in CI): GPU tests, every PEFT method and
-# both DP modes on CUDA, two ranks with CUDA tensors over gloo, and a throughput probe.
-# Usage (device tool): bash tools/device_check.sh   (carry .whl: opacus/submitit wheels)
+# The GPU check, run on a lent GPU machine (never in CI), sized for one ~9-minute call:
+#   1. the CUDA tests (single-process CUDA run vs CPU, batched == sequential on CUDA, the data store on the GPU)
+#   2. `fedpeft-hpc bench --device cuda` (ViT-B/16 224 px, bf16, client batch 16, 32 clients per rank; the
+#      data-path row included), rows appended to a copy of BENCHMARKS.md in $OUT
+#   3. the round-time probe behind docs/REPRODUCE.md's GPU-hours, if time is left
+# NCCL across processes needs 2 GPUs; the lent machines have one, so that test skips (and says so).
+# Usage (device tool; carry .whl with the opacus and submitit wheels): bash tools/device_check.sh
 set -u
 export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
@@ -11,21 +15,23 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
     export PYTHONPATH=$PWD
 fi
+t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, timm, opacus; print('torch', torch.__version__, 'timm', timm.__version__, 'opacus', opacus.__version__, torch.cuda.get_device_name())"
-Q=configs/quickstart.yaml
-T="run.progress=false fed.rounds=2 fed.local_epochs=1 model.pretrained=false"
-echo "== pytest tests/test_gpu.py"
-timeout 240 python3 -m pytest -q -x tests/test_gpu.py 2>&1 | tail -5
-for m in full head bias adapter prompt lora; do
-    echo "== $m on cuda"
-    timeout 60 python3 -m fedpeft_hpc train $Q run.dir=/tmp/r_$m peft.method=$m comm.device=cuda $T 2>&1 | tail -1
-done
-echo "== DP-SGD (sample) on cuda, prompt"
-timeout 90 python3 -m fedpeft_hpc train $Q run.dir=/tmp/dp_s peft.method=prompt privacy.mode=sample privacy.noise_multiplier=1.0 comm.device=cuda $T 2>&1 | tail -2
-echo "== client-level DP on cuda"
-timeout 60 python3 -m fedpeft_hpc train $Q run.dir=/tmp/dp_c privacy.mode=client privacy.noise_multiplier=0.5 comm.device=cuda $T 2>&1 | tail -1
-echo "== 2 ranks, gloo, cuda tensors"
-timeout 90 python3 -m torch.distributed.run --standalone --nproc_per_node=2 -m fedpeft_hpc train $Q run.dir=/tmp/r_2 peft.method=lora comm.device=cuda comm.backend=gloo $T 2>&1 | tail -2
-echo "== throughput probe"
-timeout 120 python3 tools/gpu_probe.py --model vit_base_patch16_224 --img 224 --batches 16,64,256 2>&1 | tee "$OUT/probe.txt"
+echo "== 1. CUDA tests"
+timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_batched.py tests/test_data_store.py \
+    -k "gpu or cuda" 2>&1 | tee "$OUT/gpu_tests.txt" | tail -6
+echo "== 2. bench --device cuda ($(( $(date +%s) - t0 )) s so far)"
+cp BENCHMARKS.md "$OUT/BENCHMARKS.md"
+timeout 330 python3 -m fedpeft_hpc bench --device cuda --json --markdown "$OUT/BENCHMARKS.md" \
+    > "$OUT/bench.json" 2> "$OUT/bench_stderr.txt"
+echo "bench exit $?"
+grep -v "it/s\|measurement/s\|s/measurement" "$OUT/bench_stderr.txt" | grep -v "^\s*$" | tail -30
+python3 -c "import json; d = json.load(open('$OUT/bench.json')); print({k: d.get(k) for k in ('batched_speedup', 'batching_bound', 'fl_efficiency', 'aggregation_share', 'memory_per_client_ratio', 'two_rank_speedup')})" 2>&1 | tail -2
+left=$(( 520 - ($(date +%s) - t0) ))
+echo "== 3. GPU-hours probe (${left} s left)"
+if [ "$left" -gt 60 ]; then
+    timeout $(( left - 10 )) python3 tools/gpu_hours.py probe --out "$OUT/probe_gpu.json" 2>&1 | tail -5
+    [ -f "$OUT/probe_gpu.json" ] && python3 tools/gpu_hours.py table "$OUT/probe_gpu.json" > "$OUT/gpu_hours.md" 2>&1
+fi
+echo "total $(( $(date +%s) - t0 )) s"

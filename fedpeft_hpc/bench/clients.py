@@ -123,6 +123,7 @@ def batched_vs_opacus(ctx: BenchContext) -> list[Row]:
     from fedpeft_hpc.federated.client import local_train, make_optimizer
     from fedpeft_hpc.federated.sampling import Schedule
     from fedpeft_hpc.models import build_model
+    from fedpeft_hpc.models.device_fixes import apply_device_fixes
     from fedpeft_hpc.peft import peft_params
     from fedpeft_hpc.privacy.noise import NoiseKey, fresh_secret
     from fedpeft_hpc.privacy.sample_dp import SampleDP
@@ -137,6 +138,7 @@ def batched_vs_opacus(ctx: BenchContext) -> list[Row]:
     dp.use_noise(NoiseKey.from_secret(fresh_secret()))  # as a real run: secret noise, Opacus secure_mode
     twin = build_model(dp_cfg.model, dp_cfg.peft, dp_cfg.seed, load_weights=False).model  # Opacus hooks stay on it
     twin.to(ctx.device)
+    apply_device_fixes(twin, ctx.device)
     twin_params = peft_params(twin)
     wrapped = dp.wrap_model(twin)
     small, _ = _pool(ctx, spec, k)

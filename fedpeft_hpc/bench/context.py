@@ -93,11 +93,13 @@ class BenchContext:
         if method not in self._models:
             from fedpeft_hpc.peft.state import FlatLayout
             from fedpeft_hpc.models import build_model
+            from fedpeft_hpc.models.device_fixes import apply_device_fixes
             from fedpeft_hpc.peft import peft_params
 
             cfg = self.config(f"peft.method={method}")
             built = build_model(cfg.model, cfg.peft, cfg.seed, load_weights=False)
             model, spec = built.model.to(self.device), built.image
+            apply_device_fixes(model, self.device)
             params = peft_params(model)
             layout = FlatLayout(params)
             self._models[method] = (model, layout, layout.flatten(params, torch.float32), cfg, spec)

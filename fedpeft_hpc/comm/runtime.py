@@ -142,10 +142,11 @@ class Runtime:
             import torch.distributed as dist
 
             if dist.is_initialized():
-                if failure is None:
+                if failure is None or getattr(failure, "raised_by_all_ranks", False):
                     # Ranks leave at different times (rank 0 still writes the summary); tearing gloo
                     # down while a peer is mid-shutdown aborted a rank now and then ("terminate called
-                    # without an active exception"). Leave together.
+                    # without an active exception"). Leave together: after a clean run, and after an
+                    # error that every rank raised at the same point (no peer waits in a collective).
                     try:
                         self.comm.barrier(tag="teardown")
                     except CollectiveError:

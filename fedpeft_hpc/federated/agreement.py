@@ -20,7 +20,7 @@ from torch import nn
 from fedpeft_hpc.comm.collective import Communicator
 from fedpeft_hpc.config.load import dotted, to_dict
 from fedpeft_hpc.config.schema import Config
-from fedpeft_hpc.errors import ConfigError, UserError
+from fedpeft_hpc.errors import ConfigError, RanksDisagree
 
 # keys that may differ between the ranks of one job (paths seen per node, per-node resources)
 PER_NODE_KEYS = ("data.root", "data.num_workers", "model.checkpoint", "run.threads", "run.progress",
@@ -84,7 +84,7 @@ def state_fingerprint(vec: torch.Tensor) -> int:
 
 
 def check_agreement(comm: Communicator, fingerprints: Mapping[str, int]) -> None:
-    """One all-reduce of every rank's fingerprints; a ``UserError`` on every rank if any differ."""
+    """One all-reduce of every rank's fingerprints; ``RanksDisagree`` on every rank if any differ."""
     if comm.world_size <= 1:
         return
     names = list(fingerprints)
@@ -96,7 +96,7 @@ def check_agreement(comm: Communicator, fingerprints: Mapping[str, int]) -> None
         differ = [r for r in range(comm.world_size) if table[r, j] != table[0, j]]
         if differ:
             covers, cause = WHAT.get(name, (name, ""))
-            raise UserError(f"ranks disagree on {covers} ({name}): rank(s) {', '.join(map(str, differ))} differ "
+            raise RanksDisagree(f"ranks disagree on {covers} ({name}): rank(s) {', '.join(map(str, differ))} differ "
                             f"from rank 0 (fingerprints {int(table[differ[0], j]):016x} vs {int(table[0, j]):016x}). "
                             f"Likely cause: {cause}. Nothing was trained.")
 

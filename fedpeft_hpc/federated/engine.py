@@ -36,6 +36,7 @@ from fedpeft_hpc.federated.ledger import ByteLedger
 from fedpeft_hpc.federated.sampling import Schedule, assign_to_ranks, cohort_sampling
 from fedpeft_hpc.federated.server_opt import build_server_optimizer
 from fedpeft_hpc.models import BuiltModel, build_model
+from fedpeft_hpc.models.device_fixes import apply_device_fixes
 from fedpeft_hpc.peft import FlatLayout, count_params, load_vector, peft_params
 from fedpeft_hpc.privacy import PrivacyMechanism, build_privacy
 from fedpeft_hpc.privacy.noise import SECRET_WORDS, NoiseKey, fresh_secret, secret_as_words, words_as_secret
@@ -131,6 +132,7 @@ class FederatedTrainer:
         self.sources = BatchSources(self.fed.data.train, self.fed.data.test, comm.device, cfg.data.augment,
                                     cfg.data.gpu_store_mb, name=f"data.name={cfg.data.name}")
         self.model = self.fed.built.model.to(comm.device)
+        apply_device_fixes(self.model, comm.device)
         self.params = peft_params(self.model)
         self.layout = FlatLayout(self.params)
         self.global_vec = self.layout.flatten(self.params, torch.float32)

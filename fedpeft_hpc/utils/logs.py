@@ -22,6 +22,19 @@ def _formatter(rank: int | None, datefmt: str) -> logging.Formatter:
     return logging.Formatter(prefix + FORMAT, datefmt)
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes (not the stream of set-up time:
+    a test harness or a notebook may swap and close it in between)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
 def setup_logging(level: str = "info", rank: int = 0, world_size: int = 1) -> None:
     """Console logging to stderr: ``level`` on rank 0, warnings and errors on the other ranks.
 
@@ -31,7 +44,7 @@ def setup_logging(level: str = "info", rank: int = 0, world_size: int = 1) -> No
     for h in list(root.handlers):
         if h.get_name() == _HANDLER_NAME:
             root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _ConsoleHandler()
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(_formatter(rank if world_size > 1 else None, "%H:%M:%S"))
     root.addHandler(handler)
