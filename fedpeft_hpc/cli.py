@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads of the in-process measurements (default 0: the cores not busy with other "
                         "work, i.e. cores minus the 1-minute load average, at least 1)")
     p.add_argument("--only", default=None, metavar="NAMES",
-                   help="comma-separated measurements to run (clients, rounds, memory, ranks)")
+                   help="comma-separated measurements to run (clients, rounds, memory, ranks, data; "
+                        "clients_dp in the full suite)")
     p.set_defaults(func=cmd_bench)
     return parser
 

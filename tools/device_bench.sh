@@ -3,17 +3,9 @@
 # finished survives a short lease: rows go to a copy of BENCHMARKS.md in $OUT, each measurement's
 # JSON to $OUT/bench_<name>.json. Usage (device tool, carry .whl): bash tools/device_bench.sh [SECONDS]
 set -u
-export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}"
 budget=${1:-360}
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD
-fi
+source tools/device_env.sh
 t0=$(date +%s)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 cp BENCHMARKS.md "$OUT/BENCHMARKS.md"
 for m in clients rounds data memory; do
     left=$(( budget - ($(date +%s) - t0) ))

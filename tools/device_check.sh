@@ -7,16 +7,8 @@
 # NCCL across processes needs 2 GPUs; the lent machines have one, so that test skips (and says so).
 # Usage (device tool; carry .whl with the opacus and submitit wheels): bash tools/device_check.sh
 set -u
-export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}"
-mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD
-fi
+source tools/device_env.sh
 t0=$(date +%s)
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, timm, opacus; print('torch', torch.__version__, 'timm', timm.__version__, 'opacus', opacus.__version__, torch.cuda.get_device_name())"
 echo "== 1. CUDA tests"
 timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_batched.py tests/test_data_store.py \
