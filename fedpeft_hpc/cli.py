@@ -155,8 +155,9 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _launch_args(p: argparse.ArgumentParser) -> None:
-    """Executor and resource flags shared by submit and sweep; they override the --cluster profile."""
+def _launch_args(p: argparse.ArgumentParser, wait_help: str, dry_run_help: str) -> None:
+    """Executor, resource, --wait and --dry-run flags shared by submit and sweep; resources override
+    the --cluster profile."""
     p.add_argument("--executor", default="auto", choices=("auto", "slurm", "local", "debug"),
                    help="slurm: sbatch through submitit; local: subprocesses on this machine; debug: in this "
                         "process (pdb on errors); auto (default): slurm where srun exists, else local")
@@ -175,6 +176,8 @@ def _launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--partition", metavar="P")
     g.add_argument("--account", metavar="A")
     g.add_argument("--qos", metavar="Q")
+    p.add_argument("--wait", action="store_true", help=wait_help)
+    p.add_argument("--dry-run", action="store_true", help=dry_run_help)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -200,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedpeft-hpc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_run_commands(sub)
+    _add_cluster_commands(sub)
+    _add_bench_command(sub)
+    return parser
+
+
+def _add_run_commands(sub) -> None:
+    """train, inspect, config, pretrain, quickstart: one config, this machine."""
     p = sub.add_parser("train", help="run one federated training (single process, torchrun, mpiexec or srun)",
                        description="Run one federated training. The same command works as one process and "
                                    "under torchrun, mpiexec or srun; results do not depend on the number of "
@@ -246,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="use this config instead of the embedded quickstart")
     p.set_defaults(func=cmd_quickstart)
 
+
+def _add_cluster_commands(sub) -> None:
+    """submit, sweep, report: jobs on SLURM (or locally) and what they produced."""
     p = sub.add_parser("submit", help="submit one training through submitit (SLURM, or the local executor)",
                        description="Check the config fully (model, weights, data, partition, privacy, run.dir), "
                                    "then submit it as one checkpointable submitit job: every task is one rank; "
@@ -253,11 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "from checkpoints/latest.safetensors. Logs go to run.dir/slurm/. Prints the "
                                    "job id, the log paths and the run directory.")
     _config_args(p)
-    _launch_args(p)
-    p.add_argument("--wait", action="store_true",
-                   help="follow the job (through requeues); exit 0 once the run wrote summary.json, else 1")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the sbatch script (or local parameters) and the command; submit nothing")
+    _launch_args(p, wait_help="follow the job (through requeues); exit 0 once the run wrote summary.json, else 1",
+                 dry_run_help="print the sbatch script (or local parameters) and the command; submit nothing")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("sweep", help="expand a sweep file (grid x zip x seeds) and run what is not done yet",
@@ -271,11 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-parallel", type=_count(1), metavar="N",
                    help="runs at once: the SLURM array's concurrency limit (default: submitit's 256), or local "
                         "subprocesses (default 1)")
-    _launch_args(p)
-    p.add_argument("--wait", action="store_true", help="SLURM: follow the array until every run ended "
-                                                       "(local and debug always wait)")
-    p.add_argument("--dry-run", action="store_true", help="list every run with its state and what would be "
-                                                          "submitted; run nothing, write nothing")
+    _launch_args(p, wait_help="SLURM: follow the array until every run ended (local and debug always wait)",
+                 dry_run_help="list every run with its state and what would be submitted; run nothing, "
+                              "write nothing")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("report", help="tables and plots of the runs in a sweep (or run) directory",
@@ -290,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "other settings")
     p.set_defaults(func=cmd_report)
 
+
+def _add_bench_command(sub) -> None:
     p = sub.add_parser("bench", help="measure this machine: batched vs sequential clients, the batching bound, FL "
                                      "efficiency, aggregation share, memory per client, 2 ranks vs 1",
                        description="Every figure is a ratio of two measurements taken in this run on this machine "
@@ -315,7 +326,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated measurements to run (clients, rounds, memory, ranks, data; "
                         "clients_dp in the full suite)")
     p.set_defaults(func=cmd_bench)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
