@@ -80,3 +80,31 @@ def test_a_run_that_never_started_writes_no_log(tmp_path):
     res = _train(run_dir, 0o022, "data.alpha=-1")
     assert res.returncode == 2
     assert not run_dir.exists()
+
+
+def test_a_checkpoint_is_fsynced_before_and_its_directory_after_the_rename(tmp_path, monkeypatch):
+    import torch
+
+    from fedpeft_hpc.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        events.append(("fsync-dir" if target.is_dir() else "fsync-file", target.name))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "checkpoints" / "latest.safetensors"
+    save_checkpoint(path, Checkpoint(round=3, peft={"w": torch.arange(4.0)}))
+    kinds = [kind for kind, _ in events]
+    # the new content is on disk before it takes the name, and the new name is on disk after
+    assert kinds.index("fsync-file") < kinds.index("replace") < len(kinds) - 1 - kinds[::-1].index("fsync-dir")
+    assert ("replace", "latest.safetensors") in events and events[-1] == ("fsync-dir", "checkpoints")
+    assert load_checkpoint(path).round == 3

@@ -128,6 +128,32 @@ def test_resume_with_other_weights_is_refused_by_name(tmp_path):
     assert read_jsonl(tmp_path / "r" / "metrics.jsonl")[-1]["round"] == 2  # nothing was overwritten
 
 
+
+def _image_folder(root: Path, seed: int) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k in range(3):
+        (root / f"class{k}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"class{k}" / f"{i}.png")
+    return root
+
+
+def test_resume_with_other_data_is_refused_by_name(tmp_path):
+    first, other = _image_folder(tmp_path / "a", 0), _image_folder(tmp_path / "b", 1)  # same layout, other pixels
+    args = tiny_overrides(tmp_path / "r", "data.name=imagefolder", "data.min_samples=1", "model.num_classes=3",
+                          "fed.num_clients=4", "fed.clients_per_round=2", f"data.cache_dir={tmp_path / 'cache'}")
+    single(*args, f"data.root={first}")
+    ckpts = tmp_path / "r" / "checkpoints"
+    os.replace(ckpts / "round_00001.safetensors", ckpts / "latest.safetensors")  # as if killed after round 1
+    (tmp_path / "r" / "summary.json").unlink()
+    res = single(*args, f"data.root={other}", expect=2)
+    assert "data.root" in res.stderr and "dataset" in res.stderr and "Traceback" not in res.stderr
+    assert read_jsonl(tmp_path / "r" / "metrics.jsonl")[-1]["round"] == 2  # nothing was overwritten
+    single(*args, f"data.root={first}")  # the data it was trained with resumes
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["rounds"] == 2
+
 # -- stochastic layers ------------------------------------------------------------------------
 def test_drop_path_keeps_world_size_invariance_and_exact_resume(tmp_path):
     extra = ("model.kwargs.drop_path_rate=0.1", "peft.method=lora")
