@@ -2,7 +2,14 @@
 
 submitit asks ``sacct``; on a cluster without accounting (no slurmdbd) that fails and submitit
 reports ``UNKNOWN``. Here the state comes from ``scontrol show job`` (slurmctld's own memory,
-which keeps a finished job for MinJobAge, 300 s by default), then ``sacct``, else ``None``. A job
+which keeps a finished job for MinJobAge, 300 s by default), then ``sacct``, else ``None``.
+``None`` means "not active": only ``scontrol``'s own answer that it does not know the job
+("Invalid job id specified") leads there, since slurmctld knows every pending and running job;
+``sacct`` is asked only after that, to name how the job ended, and its failure (no accounting)
+changes nothing. Any other failure of ``scontrol`` (a controller timeout, an unreachable
+slurmctld) raises ``SlurmUnreachable``: a running job must never be taken for a dead one (its
+metrics set aside, the run submitted again on top of itself). Without ``scontrol`` on the PATH
+(a laptop reading a copied sweep) there is nobody to ask and the state is ``None``. A job
 that is not active any more is judged by its run directory (``summary.json``), never by its
 state alone: a requeued job passes through several states, and an old one has none left.
 """
@@ -16,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping
+
+from fedpeft_hpc.errors import UserError
 
 # SLURM states after which a job does nothing more (a requeued job goes to PENDING instead).
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
@@ -48,29 +57,48 @@ class JobRef:
         return paths.stdout, paths.stderr
 
 
-def _run(cmd: list[str]) -> str | None:
+class SlurmUnreachable(UserError):
+    """``scontrol`` failed for another reason than not knowing the job: the job's state is unknown."""
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess | None:
+    """The finished command; ``None`` when it is not installed. A timeout raises ``SlurmUnreachable``."""
     if shutil.which(cmd[0]) is None:
         return None
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return res.stdout if res.returncode == 0 else None
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise SlurmUnreachable(f"cannot reach SLURM ({' '.join(cmd)}: no answer within 60 s); nothing was "
+                               "changed, try again when the controller answers") from None
+    except OSError as e:
+        raise SlurmUnreachable(f"cannot reach SLURM ({' '.join(cmd)}: {e})") from None
+
+
+def _unknown_job(res: subprocess.CompletedProcess) -> bool:
+    return "invalid job id" in (res.stderr + res.stdout).lower()
 
 
 def slurm_state(job_id: str) -> str | None:
     """``PENDING``, ``RUNNING``, ``COMPLETED``, ... of a job or array element (``123_4``); ``None`` when
-    neither slurmctld nor the accounting knows it."""
-    out = _run(["scontrol", "-o", "show", "job", job_id])
-    if out:
-        for field in out.split():
+    neither slurmctld nor the accounting knows it (or there is no ``scontrol`` to ask). Raises
+    ``SlurmUnreachable`` when ``scontrol`` fails otherwise (see the module's docstring)."""
+    res = _run(["scontrol", "-o", "show", "job", job_id])
+    if res is None:
+        return None
+    if res.returncode == 0:
+        for field in res.stdout.split():
             if field.startswith("JobState="):
                 return field.split("=", 1)[1]
-    out = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
-    if out and out.strip():
-        words = out.strip().splitlines()[0].split()
+    if res.returncode != 0 and not _unknown_job(res):
+        msg = " ".join((res.stderr or res.stdout).split()) or f"exit status {res.returncode}"
+        raise SlurmUnreachable(f"cannot reach SLURM (scontrol -o show job {job_id}: {msg}); nothing was "
+                               "changed, try again when the controller answers")
+    # slurmctld does not know the job (any more): it is not active; accounting may say how it ended
+    res = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
+    if res is not None and res.returncode == 0 and res.stdout.strip():
+        words = res.stdout.strip().splitlines()[0].split()
         return words[0] if words else None
-    return None
+    return None  # no rows, or no accounting (sacct fails): unknown, and certainly not active
 
 
 def local_alive(pid: str) -> bool:
@@ -116,15 +144,26 @@ def outcome(ref: JobRef) -> str | None:
 
 
 def wait_for(refs: Mapping[str, JobRef], poll_s: float = 2.0,
-             on_change: Callable[[str, str | None], None] | None = None) -> dict[str, str | None]:
+             on_change: Callable[[str, str | None], None] | None = None,
+             max_misses: int = 30) -> dict[str, str | None]:
     """Poll until no job in ``refs`` is active; returns the last state seen of each (``None``: unknown).
-    ``on_change(key, state)`` is called whenever a job's state changes."""
+    ``on_change(key, state)`` is called whenever a job's state changes. A poll on which SLURM does not
+    answer is skipped; more than ``max_misses`` of them in a row raise ``SlurmUnreachable``."""
     last: dict[str, str | None] = {}
     pending = dict(refs)
     first = True
+    misses = 0  # consecutive polls on which SLURM did not answer
     while pending:
-        for key, ref in list(pending.items()):
-            state = job_state(ref)
+        try:
+            states = {key: job_state(ref) for key, ref in pending.items()}
+        except SlurmUnreachable:
+            misses += 1
+            if misses > max_misses:
+                raise
+            time.sleep(poll_s)
+            continue
+        misses = 0
+        for key, state in states.items():
             if first or state != last.get(key):
                 last[key] = state
                 if on_change is not None:
