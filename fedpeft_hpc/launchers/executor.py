@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import shlex
 import shutil
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from fedpeft_hpc.errors import ConfigError, UserError
 from fedpeft_hpc.launchers.profile import ClusterProfile
@@ -78,6 +80,19 @@ def make_executor(kind: str, folder: Path, profile: ClusterProfile, name: str,
     except (ValueError, NameError) as e:  # submitit checks the sbatch parameters (e.g. profile.sbatch)
         raise UserError(f"submitit refused the job parameters: {e}") from None
     return ex
+
+
+@contextmanager
+def submission(what: str) -> Iterator[None]:
+    """Around ``ex.submit``/``ex.batch``: a scheduler that refuses the job (``sbatch: error: invalid
+    partition ...``) or a submission command that cannot run becomes a ``UserError`` quoting it."""
+    from submitit.core.utils import FailedJobError
+
+    try:
+        yield
+    except (FailedJobError, subprocess.SubprocessError, OSError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"{what} was not submitted: {msg}") from None
 
 
 def submitit_command(folder: Path) -> str:

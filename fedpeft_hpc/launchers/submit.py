@@ -4,14 +4,17 @@ The config is resolved and checked fully (``Preflight``: model, weights, data, p
 privacy, the run directory) before anything is submitted; bad input exits 2 and submits
 nothing. The job's batch script, pickles and logs go to ``run.dir/slurm/``. With ``--wait`` the
 command follows the job through requeues and ends with 0 when the run wrote its summary, 1
-otherwise; the state SLURM reports is shown but not trusted alone (see ``jobstate``).
+otherwise; the state SLURM reports is shown but not trusted alone (see ``jobstate``). "Wrote its
+summary" means ``summary.json`` is not the file that was there before the submission (another
+inode, size or modification time), or the job's own result says success; the login node's clock
+is not compared with the file server's.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
-import time
 from pathlib import Path
 
 from fedpeft_hpc.config.schema import Config
@@ -23,7 +26,8 @@ def submit(cfg: Config, profile: ClusterProfile, executor: str = "auto", wait: b
     from fedpeft_hpc.config.load import to_dict
     from fedpeft_hpc.launchers.executor import (auto_parameters, local_preview, make_executor, resolve_kind,
                                                 sbatch_preview)
-    from fedpeft_hpc.launchers.jobstate import JobRef, wait_for
+    from fedpeft_hpc.launchers.executor import submission
+    from fedpeft_hpc.launchers.jobstate import JobRef, outcome, wait_for
     from fedpeft_hpc.launchers.job import TrainJob
     from fedpeft_hpc.preflight import Preflight
     from fedpeft_hpc.launchers.runstate import read_summary
@@ -49,8 +53,9 @@ def submit(cfg: Config, profile: ClusterProfile, executor: str = "auto", wait: b
         return 0
 
     ex = make_executor(kind, folder, profile, name)
-    t0 = time.time()
-    job = ex.submit(TrainJob(to_dict(cfg)))
+    before = _signature(run_dir / "summary.json")
+    with submission(f"job {name}"):
+        job = ex.submit(TrainJob(to_dict(cfg)))
     if kind == "debug":
         summary = job.result()
         echo(json.dumps(summary))
@@ -64,10 +69,19 @@ def submit(cfg: Config, profile: ClusterProfile, executor: str = "auto", wait: b
         return 0
     final = wait_for({"job": ref}, on_change=lambda _, state: echo(f"job {ref.job_id}: {state or 'ended'}"))
     summary = read_summary(run_dir)
-    fresh = summary is not None and (run_dir / "summary.json").stat().st_mtime >= t0 - 1
+    fresh = summary is not None and (_signature(run_dir / "summary.json") != before or outcome(ref) == "success")
     if fresh:
         echo(json.dumps(summary))
         return 0
     echo(f"job {ref.job_id} ended ({final.get('job') or 'state unknown'}) without writing {run_dir}/summary.json; "
          f"see {err}", file=sys.stderr)
     return 1
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """What tells one ``summary.json`` from the next (written by an atomic rename: a new inode)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
