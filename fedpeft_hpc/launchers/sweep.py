@@ -13,6 +13,12 @@
 
 A failed run that left metrics but no checkpoint has its ``metrics.jsonl`` and ``config.yaml``
 moved to ``failed-N/`` inside its directory before it runs again (nothing is deleted).
+
+One sweep command works on a directory at a time: the lock (``DIR/.sweep.lock``) is taken before
+planning, so a second command never plans from states the first is changing; it exits 2. A run's
+``state`` in the manifest is one of ``runstate.STATES`` (just submitted to SLURM: ``queued``).
+Runs the manifest lists from an earlier version of the sweep file whose directory exists stay in
+it with ``"in_sweep": false``: never run again, but reported (they are finished runs in DIR).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Iterator
 
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.errors import ConfigError, UserError
-from fedpeft_hpc.launchers.jobstate import JobRef
+from fedpeft_hpc.launchers.jobstate import JobRef, SlurmUnreachable
 from fedpeft_hpc.preflight import Preflight
 from fedpeft_hpc.launchers.profile import ClusterProfile
 from fedpeft_hpc.launchers.runstate import TO_RUN, RunStatus, run_status
@@ -64,8 +70,18 @@ def read_manifest(out: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{p} cannot be read ({e}); move it away to start the sweep's bookkeeping "
                         "afresh") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p} is not a fedpeft-hpc sweep manifest (a JSON object is expected, it holds a "
+                        f"{type(data).__name__}); move it away to start the sweep's bookkeeping afresh")
     if data.get("format") != FORMAT:
         raise UserError(f"{p} is not a fedpeft-hpc sweep manifest (format {data.get('format')!r})")
+    runs = data.get("runs", {})
+    if not isinstance(runs, dict) or not all(isinstance(e, dict) for e in runs.values()):
+        raise UserError(f"{p}: \"runs\" must map each run name to an object; move the file away to start "
+                        "the sweep's bookkeeping afresh")
+    for key, kind in (("swept", list), ("short_names", dict)):
+        if key in data and not isinstance(data[key], kind):
+            raise UserError(f"{p}: \"{key}\" must be a JSON {'array' if kind is list else 'object'}")
     return data
 
 
@@ -100,6 +116,8 @@ def plan(spec: SweepSpec, out: Path, pre: Preflight) -> list[PlannedRun]:
             # a failed run without a checkpoint starts afresh (its files are set aside first)
             check_dir = status.state in TO_RUN and not (status.state == "failed" and not status.checkpoint)
             pre.check(cfg, run_dir=check_dir)
+        except SlurmUnreachable:
+            raise  # not this run's fault: no run's state can be known
         except UserError as e:
             errors.append(f"run {run.name}: {e}")
             continue
@@ -122,10 +140,19 @@ def write_manifest(out: Path, spec: SweepSpec, planned: list[PlannedRun], execut
         entry = {"dir": p.run.name, "setting": p.run.setting, "setting_name": p.run.setting_name,
                  "seed": p.run.seed, "overrides": {**p.run.setting, "seed": p.run.seed},
                  "state": states.get(p.run.name, p.status.state), "rounds": p.cfg.fed.rounds,
-                 "job": job.as_dict() if job else None}
+                 "job": job.as_dict() if job else None, "in_sweep": True}
         if job is not None and job.executor != "debug":
             entry["log"] = str(job.log_paths()[1])
         runs[p.run.name] = entry
+    # runs of an earlier version of the sweep file stay listed (and reported), never run again
+    for name, entry in read_manifest(out).get("runs", {}).items():
+        run_dir = out / str(entry.get("dir", name))
+        if name not in runs and run_dir.is_dir():
+            try:
+                state = run_status(run_dir, JobRef.from_dict(entry.get("job"))).state
+            except SlurmUnreachable:
+                state = entry.get("state")  # as last seen
+            runs[name] = {**entry, "state": state, "in_sweep": False}
     manifest = {
         "format": FORMAT, "name": spec.name, "sweep_file": str(spec.path.absolute()),
         "base": str(spec.base.absolute()), "swept": spec.swept_keys, "short_names": short,
@@ -145,29 +172,45 @@ def shown(path: Path) -> str:
 
 @contextmanager
 def _locked(out: Path) -> Iterator[None]:
-    """One sweep command per directory at a time (a second would start the same runs again)."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".sweep.lock", "w") as f:
+    """One sweep command per directory at a time (a second would start the same runs again). A
+    directory this call created is removed again if the body fails before writing anything else."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory; give the sweep directory")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / ".sweep.lock", "w")
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the sweep directory ({e.strerror or e})") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise UserError(f"another `fedpeft-hpc sweep` is working on {out} right now") from None
+            raise UserError(f"another `fedpeft-hpc sweep` is working on {out} right now; nothing was "
+                            "planned or submitted, run it again when that one is done") from None
+        ok = False
         try:
             yield
+            ok = True
         finally:
+            if not ok and created and [p.name for p in out.iterdir()] == [".sweep.lock"]:
+                (out / ".sweep.lock").unlink()
+                out.rmdir()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _set_aside(run_dir: Path) -> None:
     """Move a failed attempt's metrics and config to ``failed-N/`` so the run can start afresh."""
+    moved = [name for name in ("metrics.jsonl", "config.yaml") if (run_dir / name).exists()]
+    if not moved:
+        return
     k = 1
     while (run_dir / f"failed-{k}").exists():
         k += 1
     dest = run_dir / f"failed-{k}"
     dest.mkdir(parents=True)
-    for name in ("metrics.jsonl", "config.yaml"):
-        if (run_dir / name).exists():
-            (run_dir / name).rename(dest / name)
+    for name in moved:
+        (run_dir / name).rename(dest / name)
     log.info("%s: the failed attempt's files are in %s", run_dir, dest)
 
 
@@ -183,9 +226,18 @@ def _table(planned: list[PlannedRun]) -> str:
 def run_sweep(spec: SweepSpec, out: Path, executor: str, profile: ClusterProfile, max_parallel: int | None,
               dry_run: bool = False, wait: bool = False, echo=print) -> int:
     """The ``sweep`` command. Returns the exit status."""
-    from fedpeft_hpc.launchers.executor import auto_parameters, local_preview, resolve_kind, sbatch_preview
 
     out = out.resolve()
+    if dry_run:  # writes nothing, so it needs no lock
+        return _plan_and_run(spec, out, executor, profile, max_parallel, True, wait, echo)
+    with _locked(out):  # before planning: a second sweep must not plan from what the first is changing
+        return _plan_and_run(spec, out, executor, profile, max_parallel, False, wait, echo)
+
+
+def _plan_and_run(spec: SweepSpec, out: Path, executor: str, profile: ClusterProfile, max_parallel: int | None,
+                  dry_run: bool, wait: bool, echo) -> int:
+    from fedpeft_hpc.launchers.executor import auto_parameters, local_preview, resolve_kind, sbatch_preview
+
     pre = Preflight()
     planned = plan(spec, out, pre)  # raises before anything is written
     todo = [p for p in planned if p.to_run]
@@ -204,17 +256,16 @@ def run_sweep(spec: SweepSpec, out: Path, executor: str, profile: ClusterProfile
         return 0
     if not todo:
         echo("nothing to run: every run is finished, queued or running (`--dry-run` lists them)")
-        with _locked(out):
-            write_manifest(out, spec, planned, kind, {}, {})
-        return 0
-    with _locked(out):
-        for p in todo:
-            if p.status.state == "failed" and not p.status.checkpoint and p.dir.exists():
-                _set_aside(p.dir)
         write_manifest(out, spec, planned, kind, {}, {})
-        if kind == "slurm":
-            return _run_slurm(spec, out, planned, todo, profile, max_parallel, wait, echo)
-        return _run_here(spec, out, planned, todo, kind, profile, max_parallel or 1, echo)
+        return 0
+    for p in todo:
+        if p.status.state == "failed" and not p.status.checkpoint and p.dir.exists():
+            _set_aside(p.dir)
+            p.status = run_status(p.dir)  # new now: nothing left to resume or to set aside
+    write_manifest(out, spec, planned, kind, {}, {})
+    if kind == "slurm":
+        return _run_slurm(spec, out, planned, todo, profile, max_parallel, wait, echo)
+    return _run_here(spec, out, planned, todo, kind, profile, max_parallel or 1, echo)
 
 
 def _job_config(p: PlannedRun) -> dict:
@@ -226,15 +277,17 @@ def _job_config(p: PlannedRun) -> dict:
 def _run_slurm(spec: SweepSpec, out: Path, planned: list[PlannedRun], todo: list[PlannedRun],
                profile: ClusterProfile, max_parallel: int | None, wait: bool, echo) -> int:
     from fedpeft_hpc.launchers import jobstate
-    from fedpeft_hpc.launchers.executor import make_executor
+    from fedpeft_hpc.launchers.executor import make_executor, submission
     from fedpeft_hpc.launchers.job import TrainJob
 
     folder = out / "slurm"
     ex = make_executor("slurm", folder, profile, f"fedpeft-{spec.name}", array_parallelism=max_parallel)
-    with ex.batch():
-        submitted = [ex.submit(TrainJob(_job_config(p))) for p in todo]
+    # sbatch refusing the array leaves sweep.json as written above: these runs not submitted
+    with submission(f"the job array of {len(todo)} run(s) (sweep.json lists them as not submitted)"):
+        with ex.batch():
+            submitted = [ex.submit(TrainJob(_job_config(p))) for p in todo]
     jobs = {p.run.name: JobRef("slurm", j.job_id, str(folder)) for p, j in zip(todo, submitted)}
-    states = {name: "submitted" for name in jobs}
+    states = {name: "queued" for name in jobs}  # just submitted: a run with its job in the queue
     write_manifest(out, spec, planned, "slurm", jobs, states)
     array_id = submitted[0].job_id.split("_")[0]
     limit = f", at most {max_parallel} at once" if max_parallel else ""
@@ -256,7 +309,7 @@ def _run_slurm(spec: SweepSpec, out: Path, planned: list[PlannedRun], todo: list
 def _run_here(spec: SweepSpec, out: Path, planned: list[PlannedRun], todo: list[PlannedRun], kind: str,
               profile: ClusterProfile, max_parallel: int, echo) -> int:
     """The local executor (subprocesses, ``max_parallel`` at a time) or debug (in this process)."""
-    from fedpeft_hpc.launchers.executor import make_executor
+    from fedpeft_hpc.launchers.executor import make_executor, submission
     from fedpeft_hpc.launchers.job import TrainJob
 
     folder = out / "slurm"
@@ -281,7 +334,8 @@ def _run_here(spec: SweepSpec, out: Path, planned: list[PlannedRun], todo: list[
             while queue and len(running) < max_parallel:
                 p = queue.pop(0)
                 t0 = time.monotonic()
-                job = ex.submit(TrainJob(_job_config(p)))
+                with submission(f"run {p.run.name}"):
+                    job = ex.submit(TrainJob(_job_config(p)))
                 jobs[p.run.name] = JobRef(kind, str(job.job_id), str(folder))
                 if kind == "debug":  # runs now, in this process
                     try:

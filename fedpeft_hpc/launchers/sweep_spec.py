@@ -189,6 +189,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
         raise err("base", "the config file every run starts from (relative to the sweep file, or absolute)")
     base = Path(str(data["base"])).expanduser()
     base = base if base.is_absolute() else (p.parent / base)
+    if base.is_dir():
+        raise err("base", f"{base} is a directory, not a config file")
     if not base.is_file():
         raise err("base", f"{base} does not exist")
     name = str(data.get("name") or p.stem)
