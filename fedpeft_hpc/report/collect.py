@@ -1,7 +1,8 @@
 """Which runs a report covers, and what each one is: a sweep, a single run, or a folder of runs.
 
 - a sweep directory (``sweep.json``): every run the manifest lists, including those that have not
-  started (so nothing silently drops out of a table); settings are the sweep's swept keys;
+  started and those an earlier version of the sweep file had (``in_sweep: false``), so nothing
+  silently drops out of a table; settings are the sweep's swept keys;
 - a run directory (``config.yaml``): that run alone;
 - a folder of run directories (e.g. ``runs/quickstart``): its runs; the settings are the config
   keys whose values differ between them (other than the seed and ``run.*``).
@@ -30,6 +31,7 @@ class RunRecord:
     status: RunStatus
     rounds: int | None  # rounds the run is configured for
     metrics: list[dict] = field(default_factory=list)
+    in_sweep: bool = True  # False: listed in sweep.json from an earlier version of the sweep file
 
     @property
     def finished(self) -> bool:
@@ -74,12 +76,12 @@ def _load_yaml(path: Path) -> dict:
 
 
 def _record(name: str, setting: dict, setting_name: str, seed, run_dir: Path, job: JobRef | None,
-            rounds: int | None) -> RunRecord:
+            rounds: int | None, in_sweep: bool = True) -> RunRecord:
     status = run_status(run_dir, job)
     if rounds is None:
         rounds = dotted(_load_yaml(run_dir / "config.yaml")).get("fed.rounds")
     return RunRecord(name, setting, setting_name, seed, run_dir, status, rounds,
-                     read_jsonl(run_dir / "metrics.jsonl"))
+                     read_jsonl(run_dir / "metrics.jsonl"), in_sweep)
 
 
 def collect(path: Path) -> Collection:
@@ -107,7 +109,7 @@ def _from_sweep(path: Path) -> Collection:
     for name, entry in m.get("runs", {}).items():
         runs.append(_record(name, dict(entry.get("setting", {})), entry.get("setting_name", name),
                             entry.get("seed"), path / entry.get("dir", name), JobRef.from_dict(entry.get("job")),
-                            entry.get("rounds")))
+                            entry.get("rounds"), entry.get("in_sweep") is not False))
     return Collection(str(m.get("name") or path.name), swept, short, runs)
 
 

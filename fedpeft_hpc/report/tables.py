@@ -2,7 +2,8 @@
 
 Every run is a row of the CSV whatever its state; a setting's means use its finished runs only,
 its ``n`` column says how many of its runs that is, and the unfinished ones are listed under the
-table with their state and progress.
+table with their state and progress. Runs that a sweep directory holds from an earlier version of
+its sweep file are rows like the others, and the text says which they are.
 """
 
 from __future__ import annotations
@@ -111,6 +112,11 @@ def results_md(coll: Collection) -> str:
     for r in coll.runs:
         states[r.status.state] = states.get(r.status.state, 0) + 1
     lines.append(f"{len(coll.runs)} runs: " + ", ".join(f"{n} {s}" for s, n in states.items()) + ".")
+    old = [r for r in coll.runs if not r.in_sweep]
+    if old:
+        lines.append(f"{len(old)} of them not in the current sweep file (kept from an earlier version of it, "
+                     "`in_sweep: false` in sweep.json; in the table like the others): "
+                     + ", ".join(f"`{r.name}`" for r in old) + ".")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         values = [_cell(r["values"].get(k)) for k in coll.swept] or [r["setting"]]
