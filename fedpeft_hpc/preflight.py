@@ -23,17 +23,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.data import DATASETS, DataBundle, build_datasets, get_builder
+from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.engine import build_federation
 from fedpeft_hpc.models import BuiltModel, build_model
 from fedpeft_hpc.peft import count_params, get_method, registered_methods
 from fedpeft_hpc.runs.rundir import RunDir
-from fedpeft_hpc.utils.files import expand_path
+from fedpeft_hpc.utils.files import expand_path, usable_dir_problem
 
 
 def check_names(cfg: Config) -> Config:
@@ -107,9 +109,13 @@ class Preflight:
     def check(self, cfg: Config, run_dir: bool = True) -> Checked:
         """Raise the ``UserError`` the training would raise before its first round; else describe it.
 
-        ``run_dir``: also check ``run.dir`` (resume policy, same config), read-only.
+        ``run.dir`` must be a directory or creatable (checked first, cheaply); ``run_dir``: also check
+        what it holds (resume policy, same config), read-only.
         """
         check_names(cfg)
+        problem = usable_dir_problem(Path(cfg.run.dir))  # cheap: before anything is built
+        if problem:
+            raise ConfigError("run.dir", f"{problem}; give a directory to hold the run")
         model_key, built = self._model(cfg)
         fed = build_federation(cfg, torch.device("cpu"), built=built, data=self._data(cfg, built))
         if cfg.privacy.mode == "sample":  # once per model: Opacus refuses what it cannot make private

@@ -14,7 +14,7 @@ from fedpeft_hpc.config.load import dotted, dump_yaml, to_dict
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.errors import ConfigError, UserError
 from fedpeft_hpc.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedpeft_hpc.utils.files import atomic_write_json, atomic_write_text, read_jsonl
+from fedpeft_hpc.utils.files import atomic_write_json, atomic_write_text, read_jsonl, usable_dir_problem
 
 # Keys that may differ between the saved and the resumed config.
 _RESUME_FREE = ("run.", "comm.", "data.num_workers", "data.root", "data.cache_dir", "data.gpu_store_mb",
@@ -35,6 +35,9 @@ class RunDir:
     def check(self, cfg: Config) -> bool:
         """Every check of a start or resume, reading only (``fedpeft-hpc submit``/``sweep`` run them
         on the login node). Returns whether the run will resume from ``checkpoints/latest.safetensors``."""
+        problem = usable_dir_problem(self.path)
+        if problem:
+            raise ConfigError("run.dir", f"{problem}; give a directory to hold the run")
         has_ckpt = self.latest.is_file()
         has_run = has_ckpt or self.metrics_path.is_file() or self.summary_path.is_file()
         mode = cfg.run.resume
@@ -59,8 +62,11 @@ class RunDir:
         (they are recomputed identically). Rank 0 only."""
         if not self.is_main:
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.ckpt_dir.mkdir(exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.ckpt_dir.mkdir(exist_ok=True)
+        except OSError as e:
+            raise ConfigError("run.dir", f"cannot create {self.path} ({e.strerror or e})") from None
         atomic_write_text(self.config_path, dump_yaml(cfg))
         if ckpt is not None:
             rows = [r for r in read_jsonl(self.metrics_path) if r.get("round", 0) <= ckpt.round]

@@ -97,6 +97,24 @@ def append_line(path: Path, line: str) -> None:
         os.fsync(f.fileno())
 
 
+def usable_dir_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be (or become) a directory this process writes into; ``None`` if it can.
+    Reads only: a missing directory is judged by its nearest existing parent."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is a file, not a directory"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{path} cannot be created: {parent} is a file, not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{path} cannot be created: {parent} is not writable"
+    return None
+
+
 def read_yaml_mapping(path: str | os.PathLike, what: str, expected: str) -> dict:
     """The mapping held by the YAML file ``path`` (an empty file is an empty mapping).
 
