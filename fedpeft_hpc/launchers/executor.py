@@ -83,7 +83,7 @@ def make_executor(kind: str, folder: Path, profile: ClusterProfile, name: str,
 
 
 @contextmanager
-def submission(what: str) -> Iterator[None]:
+def submission(what: str, then: str = "") -> Iterator[None]:
     """Around ``ex.submit``/``ex.batch``: a scheduler that refuses the job (``sbatch: error: invalid
     partition ...``) or a submission command that cannot run becomes a ``UserError`` quoting it."""
     from submitit.core.utils import FailedJobError
@@ -92,7 +92,7 @@ def submission(what: str) -> Iterator[None]:
         yield
     except (FailedJobError, subprocess.SubprocessError, OSError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
-        raise UserError(f"{what} was not submitted: {msg}") from None
+        raise UserError(f"{what} was not submitted: {msg}{then}") from None
 
 
 def submitit_command(folder: Path) -> str:

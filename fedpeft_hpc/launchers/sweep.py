@@ -283,7 +283,8 @@ def _run_slurm(spec: SweepSpec, out: Path, planned: list[PlannedRun], todo: list
     folder = out / "slurm"
     ex = make_executor("slurm", folder, profile, f"fedpeft-{spec.name}", array_parallelism=max_parallel)
     # sbatch refusing the array leaves sweep.json as written above: these runs not submitted
-    with submission(f"the job array of {len(todo)} run(s) (sweep.json lists them as not submitted)"):
+    with submission(f"the job array of {len(todo)} run(s)",
+                    f"; {shown(out / MANIFEST)} lists them without a job, run the sweep again once that is fixed"):
         with ex.batch():
             submitted = [ex.submit(TrainJob(_job_config(p))) for p in todo]
     jobs = {p.run.name: JobRef("slurm", j.job_id, str(folder)) for p, j in zip(todo, submitted)}
