@@ -355,3 +355,22 @@ def test_two_processes_with_client_batch_equal_one_process_without(tmp_path):
     rows = read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert all(r["world_size"] == 2 and r["allreduce_calls"] == 1 for r in rows)
     assert [r["clients"] for r in rows] == [r["clients"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl")]
+
+
+def test_one_client_at_once_is_sequential(tmp_path, caplog, monkeypatch):
+    """K <= 1 (a rank gets one client per round, or auto finds room for one) trains one after another:
+    a one-slot batched step is slower than sequential training and needs more memory."""
+    from fedpeft_hpc.federated import client_batch as cb
+
+    fr = _plan(tmp_path, "peft.method=lora", "fed.client_batch=4", "fed.clients_per_round=2")
+    args = (fr.model, fr.layout, torch.device("cpu"), (3, 16, 16))
+    with caplog.at_level(logging.INFO, logger="fedpeft_hpc.federated.client_batch"):
+        assert cb.plan_client_batch(fr.cfg, *args, world_size=1, dp=False) == 2
+        assert cb.plan_client_batch(fr.cfg, *args, world_size=2, dp=False) is None
+    assert "at most 1 client at once per rank" in caplog.text and "one after another" in caplog.text
+    caplog.clear()
+    auto = load_config(QUICKSTART, tiny_overrides(tmp_path / "a", "peft.method=lora", "fed.client_batch=auto"))
+    monkeypatch.setattr(cb, "available_bytes", lambda device: 1)  # no room for a second client
+    with caplog.at_level(logging.INFO, logger="fedpeft_hpc.federated.client_batch"):
+        assert cb.plan_client_batch(auto, *args, world_size=1, dp=False) is None
+    assert "K=1" in caplog.text and "memory" in caplog.text and "one after another" in caplog.text

@@ -49,8 +49,7 @@ UNBATCHED_METHODS = ("full",)
 
 def plan_client_batch(cfg: Config, model: nn.Module, layout: FlatLayout, device: torch.device, image_shape: tuple,
                       world_size: int, dp: bool) -> Optional[int]:
-    """K for this rank, or ``None``: train clients one after another."""
-
+    """K (>= 2) for this rank, or ``None``: train clients one after another."""
     want = parse_client_batch(cfg.fed.client_batch)
     if want is None:
         return None
@@ -74,6 +73,11 @@ def plan_client_batch(cfg: Config, model: nn.Module, layout: FlatLayout, device:
                               cfg.data.batch_size, dp, most)
     else:
         k = min(int(want), most)
+    if k <= 1:  # one slot is slower than sequential training and needs more memory (plain attention)
+        log.info("fed.client_batch=%s: at most %d client at once per rank (%d clients per round over %d rank(s)%s); "
+                 "clients are trained one after another", cfg.fed.client_batch, k, cfg.fed.clients_per_round,
+                 max(1, world_size), ", memory" if want == "auto" and most > 1 else "")
+        return None
     log.info("fed.client_batch=%s: training up to %d clients at once per rank", cfg.fed.client_batch, k)
     return k
 
@@ -82,7 +86,6 @@ def probe_step_bytes(model: nn.Module, layout: FlatLayout, optim: OptimConfig, d
                      image_shape: tuple, batch_size: int, dp: bool, clients: int) -> Optional[int]:
     """Peak memory the allocator reports for one batched step of ``clients`` clients (full batches of zeros),
     state included; ``None`` where the device cannot measure it."""
-
     start = layout.flatten(dict(_named(model, layout)), torch.float32).to(device)
     x = torch.zeros((batch_size, *image_shape))
     y = torch.zeros(batch_size, dtype=torch.int64)
@@ -103,8 +106,6 @@ def client_bytes_estimate(model: nn.Module, layout: FlatLayout, optim: OptimConf
     """What one more client costs in a batched step: its activations (the tensors autograd saves in a forward at
     the client batch, frozen weights excluded), its state, gradient and optimizer state, and for DP-SGD its
     per-sample parameters and gradients."""
-
-
     shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: set = set()
     saved = 0
@@ -134,7 +135,7 @@ def client_bytes_estimate(model: nn.Module, layout: FlatLayout, optim: OptimConf
 
 def auto_client_batch(model: nn.Module, layout: FlatLayout, optim: OptimConfig, device: torch.device, precision: str,
                       image_shape: tuple, batch_size: int, dp: bool, most: int) -> int:
-
+    """K that fits the memory budget of ``device``, 1 to ``most``."""
     if most <= 1:
         return 1
     free = available_bytes(device)
@@ -147,7 +148,6 @@ def auto_client_batch(model: nn.Module, layout: FlatLayout, optim: OptimConfig, 
         base = max(0, one - per_client)
         how = "probe steps with 1 and 2 clients"
     else:
-
         if free is not None:  # the processes of this node share its RAM
             free //= max(1, detect_world(os.environ).local_world_size)
         per_client = client_bytes_estimate(model, layout, optim, device, precision, image_shape, batch_size, dp)
