@@ -15,7 +15,9 @@ shape:
   per-sample parameters and gradients; the budget is ``AUTO_BUDGET_FRACTION`` of this
   process's share of the available RAM (divided by the processes of the node).
 
-K is capped by the clients a rank can get in a round. Methods whose client state is the
+K is capped by the clients a rank can get in a round; where that (or ``auto``'s budget) leaves
+one client at once, clients are trained one after another (a one-slot batched step is slower and
+needs more memory). Methods whose client state is the
 whole model (``full``) and models with batch norm are trained one after another whatever
 the setting, with a log line saying so.
 """
