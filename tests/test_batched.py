@@ -374,3 +374,21 @@ def test_one_client_at_once_is_sequential(tmp_path, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="fedpeft_hpc.federated.client_batch"):
         assert cb.plan_client_batch(auto, *args, world_size=1, dp=False) is None
     assert "K=1" in caplog.text and "memory" in caplog.text and "one after another" in caplog.text
+
+
+def test_patch_dropout_trains_sequentially_with_its_own_stream(tmp_path, caplog):
+    """timm's PatchDropout (rate ``prob``) draws its patches like dropout: a model with it is trained one
+    after another under any fed.client_batch, each client drawing from its own (seed, round, client)
+    stream, so the result does not depend on fed.client_batch nor on the global random state."""
+    runs = {}
+    for cb in ("off", "4"):
+        with caplog.at_level(logging.INFO, logger="fedpeft_hpc.federated.client_batch"):
+            fr = _plan(tmp_path / cb, f"fed.client_batch={cb}", "peft.method=lora",
+                       "model.kwargs.patch_drop_rate=0.5")
+        assert fr.client_batch is None
+        torch.manual_seed(len(cb))  # a different global state: must not matter
+        runs[cb] = _rounds(fr, 1)
+    assert "patch_drop" in caplog.text and "one after another" in caplog.text
+    (rows_off, moved_off), (rows_four, moved_four) = runs["off"], runs["4"]
+    assert torch.equal(moved_off, moved_four) and float(moved_off.abs().max()) > 1e-3
+    assert rows_off[0]["train_loss"] == rows_four[0]["train_loss"]

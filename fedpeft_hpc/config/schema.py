@@ -110,8 +110,8 @@ class FedConfig:
                                            min_exclusive=True)
     client_batch: str = opt("off", "clients a rank trains at once in one forward/backward on the shared backbone: "
                             "off (one after another), a number K, or auto (K from the device's free memory); "
-                            "peft.method=full and models with batch norm or active dropout/drop path are always "
-                            "trained one after another")
+                            "peft.method=full and models with batch norm or active dropout/drop path/patch dropout "
+                            "are always trained one after another")
     sampling: str = opt("auto", "how cohorts are drawn: fixed (exactly clients_per_round, without replacement), "
                                 "poisson (each client independently with probability clients_per_round / "
                                 "num_clients), auto (poisson with privacy.mode=client, else fixed)",

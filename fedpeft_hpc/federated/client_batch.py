@@ -18,8 +18,9 @@ shape:
 K is capped by the clients a rank can get in a round; where that (or ``auto``'s budget) leaves
 one client at once, clients are trained one after another (a one-slot batched step is slower and
 needs more memory). Methods whose client state is the
-whole model (``full``) and models with batch norm are trained one after another whatever
-the setting, with a log line saying so.
+whole model (``full``), models with batch norm and models with active dropout, drop path or
+patch dropout (``batched.stochastic_layers``) are trained one after another whatever the
+setting, with a log line saying so.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def plan_client_batch(cfg: Config, model: nn.Module, layout: FlatLayout, device:
         return None
     noisy = stochastic_layers(model)
     if noisy:
-        log.info("fed.client_batch=%s: %s has active dropout / drop path (%s%s); their draws come from each client's "
+        log.info("fed.client_batch=%s: %s has active dropout / drop path / patch dropout (%s%s); their draws come from each client's "
                  "own (seed, round, client) stream only when clients are trained one after another, which they are",
                  cfg.fed.client_batch, cfg.model.name, ", ".join(noisy[:3]), ", ..." if len(noisy) > 3 else "")
         return None
