@@ -392,3 +392,40 @@ def test_patch_dropout_trains_sequentially_with_its_own_stream(tmp_path, caplog)
     (rows_off, moved_off), (rows_four, moved_four) = runs["off"], runs["4"]
     assert torch.equal(moved_off, moved_four) and float(moved_off.abs().max()) > 1e-3
     assert rows_off[0]["train_loss"] == rows_four[0]["train_loss"]
+
+
+def test_cpu_estimate_bounds_the_tensors_a_batched_step_saves(tmp_path):
+    """auto's CPU estimate of one more client comes from a forward with the attention the batched step runs
+    (plain, saving the attention matrices; the fused kernel saves less): it covers what autograd saves for
+    one more client in the real batched step, within 10%."""
+    from fedpeft_hpc.federated.client_batch import _named, client_bytes_estimate
+
+    fr = _plan(tmp_path, "peft.method=lora", "model.img_size=32")  # 64 tokens: attention matters
+    model, layout, shape, batch = fr.model, fr.layout, (3, 32, 32), 4
+    shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+    def saved_by_step(clients: int) -> int:
+        seen: set = set()
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            key = t.untyped_storage().data_ptr()
+            if key not in shared and key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+            return t
+
+        x, y = torch.zeros((batch, *shape)), torch.zeros(batch, dtype=torch.int64)
+        trainer = BatchedClientTrainer(model, layout, fr.cfg.optim, clients, torch.device("cpu"))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for _ in trainer.train(layout.flatten(dict(_named(model, layout)), torch.float32),
+                                   [ClientJob(c, lambda: [(x, y)]) for c in range(clients)]):
+                pass
+        return total
+
+    one, two, three = saved_by_step(1), saved_by_step(2), saved_by_step(3)
+    per_client = two - one
+    assert three - two == per_client > 0
+    estimate = client_bytes_estimate(model, layout, fr.cfg.optim, torch.device("cpu"), "fp32", shape, batch, False)
+    assert per_client <= estimate <= 1.1 * per_client

@@ -189,7 +189,7 @@ class BatchedClientTrainer:
             raise ValueError("clients with and without DP-SGD noise in one batch")
         rows = active
         params = self._rows(rows)
-        with compute_precision(self.precision, self.device), _vmap_friendly_attention(self.model):
+        with compute_precision(self.precision, self.device), vmap_friendly_attention(self.model):
             if all(dp):
                 grads = self._dp_grads(params, xs, ys, sizes, noises, rows)
             else:
@@ -293,7 +293,7 @@ class BatchedClientTrainer:
 
 # -- attention under vmap ----------------------------------------------------------------------
 @contextlib.contextmanager
-def _vmap_friendly_attention(model: nn.Module):
+def vmap_friendly_attention(model: nn.Module):
     """timm attention modules take their plain path (matmul, softmax, matmul) while vmapped.
 
     vmap has no batching rule for the fused CPU attention kernel (torch 2.14) and runs it

@@ -37,7 +37,8 @@ from torch import nn
 from fedpeft_hpc.comm.world import detect_world
 from fedpeft_hpc.config.load import parse_client_batch
 from fedpeft_hpc.config.schema import Config, OptimConfig
-from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob, has_batch_norm, stochastic_layers
+from fedpeft_hpc.federated.batched import (BatchedClientTrainer, ClientJob, has_batch_norm, stochastic_layers,
+                                          vmap_friendly_attention)
 from fedpeft_hpc.federated.memory import available_bytes, peak_memory
 from fedpeft_hpc.models.precision import compute_precision
 from fedpeft_hpc.peft.state import FlatLayout
@@ -107,8 +108,8 @@ def probe_step_bytes(model: nn.Module, layout: FlatLayout, optim: OptimConfig, d
 def client_bytes_estimate(model: nn.Module, layout: FlatLayout, optim: OptimConfig, device: torch.device,
                           precision: str, image_shape: tuple, batch_size: int, dp: bool) -> int:
     """What one more client costs in a batched step: its activations (the tensors autograd saves in a forward at
-    the client batch, frozen weights excluded), its state, gradient and optimizer state, and for DP-SGD its
-    per-sample parameters and gradients."""
+    the client batch, with the plain attention the batched step runs, frozen weights excluded), its state,
+    gradient and optimizer state, and for DP-SGD its per-sample parameters and gradients."""
     shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: set = set()
     saved = 0
@@ -126,7 +127,9 @@ def client_bytes_estimate(model: nn.Module, layout: FlatLayout, optim: OptimConf
     y = torch.zeros(batch_size, dtype=torch.int64, device=device)
     was_training = model.training
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), compute_precision(precision, device):
+    # the attention the batched step runs (plain: it saves the attention matrices the fused kernel does not)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), compute_precision(precision, device), \
+            vmap_friendly_attention(model):
         loss = F.cross_entropy(model(x).float(), y)
     del loss
     model.train(was_training)
