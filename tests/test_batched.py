@@ -429,3 +429,42 @@ def test_cpu_estimate_bounds_the_tensors_a_batched_step_saves(tmp_path):
     assert three - two == per_client > 0
     estimate = client_bytes_estimate(model, layout, fr.cfg.optim, torch.device("cpu"), "fp32", shape, batch, False)
     assert per_client <= estimate <= 1.1 * per_client
+
+
+def _fake_fs(root, meminfo_kib: int, cgroup: str, files: dict):
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/meminfo").write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {meminfo_kib} kB\n")
+    (root / "proc/self/cgroup").write_text(cgroup)
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_available_ram_respects_cgroup_limits(tmp_path):
+    """auto sizes K from the RAM this job may use: a cgroup memory limit (SLURM --mem, a container) below the
+    host's MemAvailable wins; limit minus usage (inactive page cache counts as free), the tightest ancestor."""
+    from fedpeft_hpc.federated.memory import available_bytes
+
+    gib = 2**30
+    host = 64 * gib // 1024  # kB
+    job = "sys/fs/cgroup/system.slice/slurmstepd.scope/job_7"
+    v2 = _fake_fs(tmp_path / "v2", host, "0::/system.slice/slurmstepd.scope/job_7/step_0\n", {
+        f"{job}/memory.max": f"{8 * gib}\n", f"{job}/memory.current": f"{3 * gib}\n",
+        f"{job}/memory.stat": f"anon 1\ninactive_file {gib}\nactive_file 5\n",
+        f"{job}/step_0/memory.max": "max\n", f"{job}/step_0/memory.current": f"{3 * gib}\n",
+        "sys/fs/cgroup/memory.max": "max\n"})
+    assert available_bytes("cpu", fs_root=v2) == 8 * gib - (3 * gib - gib)
+    (v2 / f"{job}/step_0/memory.max").write_text(f"{4 * gib}\n")  # a tighter child
+    assert available_bytes("cpu", fs_root=v2) == gib
+    (v2 / f"{job}/memory.max").write_text(f"{200 * gib}\n")
+    (v2 / f"{job}/step_0/memory.max").write_text("max\n")
+    assert available_bytes("cpu", fs_root=v2) == 64 * gib  # the host has less than the limit leaves
+    # a container: cgroup namespace, the process's cgroup is the mount's root; cgroup v1
+    v1 = _fake_fs(tmp_path / "v1", host, "4:memory:/\n0::/\n", {
+        "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{6 * gib}\n",
+        "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{gib}\n"})
+    assert available_bytes("cpu", fs_root=v1) == 5 * gib
+    (v1 / "sys/fs/cgroup/memory/memory.limit_in_bytes").write_text("9223372036854771712\n")  # no limit
+    assert available_bytes("cpu", fs_root=v1) == 64 * gib
+    assert available_bytes("cpu", fs_root=_fake_fs(tmp_path / "none", host, "", {})) == 64 * gib

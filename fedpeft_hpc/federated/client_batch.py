@@ -13,7 +13,8 @@ shape:
   every tensor autograd saves for the backward (the activations, frozen weights excluded),
   plus the client's stacked state, gradient and optimizer state, plus for DP-SGD its
   per-sample parameters and gradients; the budget is ``AUTO_BUDGET_FRACTION`` of this
-  process's share of the available RAM (divided by the processes of the node).
+  process's share of the available RAM (divided by the processes of the node; the room under
+  the job's cgroup memory limit where that is less, ``memory.available_bytes``).
 
 K is capped by the clients a rank can get in a round; where that (or ``auto``'s budget) leaves
 one client at once, clients are trained one after another (a one-slot batched step is slower and
