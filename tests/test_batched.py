@@ -468,3 +468,26 @@ def test_available_ram_respects_cgroup_limits(tmp_path):
     (v1 / "sys/fs/cgroup/memory/memory.limit_in_bytes").write_text("9223372036854771712\n")  # no limit
     assert available_bytes("cpu", fs_root=v1) == 64 * gib
     assert available_bytes("cpu", fs_root=_fake_fs(tmp_path / "none", host, "", {})) == 64 * gib
+
+
+@pytest.mark.parametrize("precision,allowed", [("fp32", False), ("tf32", True)])
+def test_precision_sets_both_tf32_switches_on_cuda_and_restores_them(precision, allowed):
+    """fp32 on CUDA is plain fp32: cuDNN's TF32 (on by default) is off inside the block as well as cuBLAS's;
+    tf32 turns both on; both come back afterwards, also after an error. The switches are process flags that
+    need no GPU to set, so this runs on a CPU."""
+    from fedpeft_hpc.models.precision import compute_precision
+
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        for before in ((True, True), (False, True), (True, False), (not allowed, not allowed)):
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+            with compute_precision(precision, torch.device("cuda")):
+                assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (allowed, allowed)
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+            with pytest.raises(KeyError), compute_precision(precision, "cuda:0"):
+                raise KeyError("boom")
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+            with compute_precision(precision, "cpu"):  # no effect on a CPU
+                assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags

@@ -4,7 +4,9 @@ The frozen backbone dominates the cost of a client step, and on a GPU fp32 leave
 it idle: measured on an H200 (tools/gpu_probe.py, ViT-B/16 224 px, BitFit), batch 16 ->
 256 gains 1.26x in fp32 but 2.7x under bf16 autocast. So:
 
-- ``fp32`` (default): plain fp32 everywhere; the reference for every equivalence test.
+- ``fp32`` (default): plain fp32 everywhere; the reference for every equivalence test. On
+  CUDA both TF32 switches are off inside the block (``cudnn.allow_tf32`` is on by default,
+  which would run the patch-embedding convolution in TF32).
 - ``tf32``: fp32 tensors, TensorFloat-32 matmuls/convolutions on CUDA (Ampere and later);
   no effect on CPU.
 - ``bf16``: ``torch.autocast(dtype=bfloat16)`` around the forward/backward of client training
@@ -36,13 +38,20 @@ def compute_precision(precision: str, device: torch.device | str) -> Iterator[No
         with torch.autocast(device.type, dtype=torch.bfloat16):
             yield
         return
-    if precision == "tf32" and device.type == "cuda":
-        before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        try:
+    if device.type == "cuda":  # cuDNN allows TF32 convolutions by default: fp32 turns it off
+        with _tf32(precision == "tf32"):
             yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
         return
     yield
+
+
+@contextlib.contextmanager
+def _tf32(allowed: bool) -> Iterator[None]:
+    """TF32 matmuls (cuBLAS) and convolutions (cuDNN) allowed or not inside the block, restored after."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
