@@ -49,9 +49,9 @@ class ModelConfig:
         None, "build model.checkpoint with a built-in pre-training recipe when it does not exist yet",
         choices=(None, "digits"))
     img_size: Optional[int] = opt(None, "input resolution (default: the model's own)", min=1)
-    precision: str = opt("fp32", "arithmetic of the forward/backward of client training and evaluation: fp32, tf32 "
-                         "(TensorFloat-32 matmuls on CUDA), bf16 (autocast); PEFT state, updates and aggregation "
-                         "stay fp32/fp64", choices=("fp32", "tf32", "bf16"))
+    precision: str = opt("fp32", "arithmetic of the forward/backward of client training: fp32, tf32 "
+                         "(TensorFloat-32 matmuls and convolutions on CUDA), bf16 (autocast); PEFT state, updates "
+                         "and aggregation stay fp32/fp64, evaluation is always fp32", choices=("fp32", "tf32", "bf16"))
     kwargs: dict = opt(None, "extra timm.create_model arguments (patch_size, depth, embed_dim, ...)", factory=dict)
 
 

@@ -1,4 +1,4 @@
-"""``model.precision``: the arithmetic of the backbone's forward/backward, nothing else.
+"""``model.precision``: the arithmetic of the backbone's forward/backward in client training, nothing else.
 
 The frozen backbone dominates the cost of a client step, and on a GPU fp32 leaves most of
 it idle: measured on an H200 (tools/gpu_probe.py, ViT-B/16 224 px, BitFit), batch 16 ->
@@ -10,7 +10,10 @@ it idle: measured on an H200 (tools/gpu_probe.py, ViT-B/16 224 px, BitFit), batc
 - ``tf32``: fp32 tensors, TensorFloat-32 matmuls/convolutions on CUDA (Ampere and later);
   no effect on CPU.
 - ``bf16``: ``torch.autocast(dtype=bfloat16)`` around the forward/backward of client training
-  and evaluation (CUDA and CPU).
+  (CUDA and CPU).
+
+Evaluation always runs in ``fp32`` (``federated.evaluate``): the accuracy a run reports is the
+one its fine-tuned model gets in fp32 from ``load_run`` (CONTRACT).
 
 The PEFT state, its gradients, optimizer states, updates and the aggregation stay fp32/fp64
 in every mode (autocast leaves fp32 leaves and their gradients fp32). The settings are
