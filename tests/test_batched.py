@@ -373,7 +373,7 @@ def test_one_client_at_once_is_sequential(tmp_path, caplog, monkeypatch):
     monkeypatch.setattr(cb, "available_bytes", lambda device: 1)  # no room for a second client
     with caplog.at_level(logging.INFO, logger="fedpeft_hpc.federated.client_batch"):
         assert cb.plan_client_batch(auto, *args, world_size=1, dp=False) is None
-    assert "K=1" in caplog.text and "memory" in caplog.text and "one after another" in caplog.text
+    assert "K=1" in caplog.text and "memory budget fits one" in caplog.text and "one after another" in caplog.text
 
 
 def test_patch_dropout_trains_sequentially_with_its_own_stream(tmp_path, caplog):

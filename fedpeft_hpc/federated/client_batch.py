@@ -79,9 +79,10 @@ def plan_client_batch(cfg: Config, model: nn.Module, layout: FlatLayout, device:
     else:
         k = min(int(want), most)
     if k <= 1:  # one slot is slower than sequential training and needs more memory (plain attention)
-        log.info("fed.client_batch=%s: at most %d client at once per rank (%d clients per round over %d rank(s)%s); "
-                 "clients are trained one after another", cfg.fed.client_batch, k, cfg.fed.clients_per_round,
-                 max(1, world_size), ", memory" if want == "auto" and most > 1 else "")
+        why = ("the memory budget fits one" if want == "auto" and most > 1 else
+               f"{cfg.fed.clients_per_round} clients per round over {max(1, world_size)} rank(s)")
+        log.info("fed.client_batch=%s: at most %d client at once per rank (%s); clients are trained one after "
+                 "another", cfg.fed.client_batch, k, why)
         return None
     log.info("fed.client_batch=%s: training up to %d clients at once per rank", cfg.fed.client_batch, k)
     return k
