@@ -355,3 +355,139 @@ def test_two_processes_with_client_batch_equal_one_process_without(tmp_path):
     rows = read_jsonl(tmp_path / "two" / "metrics.jsonl")
     assert all(r["world_size"] == 2 and r["allreduce_calls"] == 1 for r in rows)
     assert [r["clients"] for r in rows] == [r["clients"] for r in read_jsonl(tmp_path / "one" / "metrics.jsonl")]
+
+
+def test_one_client_at_once_is_sequential(tmp_path, caplog, monkeypatch):
+    """K <= 1 (a rank gets one client per round, or auto finds room for one) trains one after another:
+    a one-slot batched step is slower than sequential training and needs more memory."""
+    from fedpeft_hpc.federated import client_batch as cb
+
+    fr = _plan(tmp_path, "peft.method=lora", "fed.client_batch=4", "fed.clients_per_round=2")
+    args = (fr.model, fr.layout, torch.device("cpu"), (3, 16, 16))
+    with caplog.at_level(logging.INFO, logger="fedpeft_hpc.federated.client_batch"):
+        assert cb.plan_client_batch(fr.cfg, *args, world_size=1, dp=False) == 2
+        assert cb.plan_client_batch(fr.cfg, *args, world_size=2, dp=False) is None
+    assert "at most 1 client at once per rank" in caplog.text and "one after another" in caplog.text
+    caplog.clear()
+    auto = load_config(QUICKSTART, tiny_overrides(tmp_path / "a", "peft.method=lora", "fed.client_batch=auto"))
+    monkeypatch.setattr(cb, "available_bytes", lambda device: 1)  # no room for a second client
+    with caplog.at_level(logging.INFO, logger="fedpeft_hpc.federated.client_batch"):
+        assert cb.plan_client_batch(auto, *args, world_size=1, dp=False) is None
+    assert "K=1" in caplog.text and "memory budget fits one" in caplog.text and "one after another" in caplog.text
+
+
+def test_patch_dropout_trains_sequentially_with_its_own_stream(tmp_path, caplog):
+    """timm's PatchDropout (rate ``prob``) draws its patches like dropout: a model with it is trained one
+    after another under any fed.client_batch, each client drawing from its own (seed, round, client)
+    stream, so the result does not depend on fed.client_batch nor on the global random state."""
+    runs = {}
+    for cb in ("off", "4"):
+        with caplog.at_level(logging.INFO, logger="fedpeft_hpc.federated.client_batch"):
+            fr = _plan(tmp_path / cb, f"fed.client_batch={cb}", "peft.method=lora",
+                       "model.kwargs.patch_drop_rate=0.5")
+        assert fr.client_batch is None
+        torch.manual_seed(len(cb))  # a different global state: must not matter
+        runs[cb] = _rounds(fr, 1)
+    assert "patch_drop" in caplog.text and "one after another" in caplog.text
+    (rows_off, moved_off), (rows_four, moved_four) = runs["off"], runs["4"]
+    assert torch.equal(moved_off, moved_four) and float(moved_off.abs().max()) > 1e-3
+    assert rows_off[0]["train_loss"] == rows_four[0]["train_loss"]
+
+
+def test_cpu_estimate_bounds_the_tensors_a_batched_step_saves(tmp_path):
+    """auto's CPU estimate of one more client comes from a forward with the attention the batched step runs
+    (plain, saving the attention matrices; the fused kernel saves less): it covers what autograd saves for
+    one more client in the real batched step, within 10%."""
+    from fedpeft_hpc.federated.client_batch import _named, client_bytes_estimate
+
+    fr = _plan(tmp_path, "peft.method=lora", "model.img_size=32")  # 64 tokens: attention matters
+    model, layout, shape, batch = fr.model, fr.layout, (3, 32, 32), 4
+    shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+    def saved_by_step(clients: int) -> int:
+        seen: set = set()
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            key = t.untyped_storage().data_ptr()
+            if key not in shared and key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+            return t
+
+        x, y = torch.zeros((batch, *shape)), torch.zeros(batch, dtype=torch.int64)
+        trainer = BatchedClientTrainer(model, layout, fr.cfg.optim, clients, torch.device("cpu"))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            for _ in trainer.train(layout.flatten(dict(_named(model, layout)), torch.float32),
+                                   [ClientJob(c, lambda: [(x, y)]) for c in range(clients)]):
+                pass
+        return total
+
+    one, two, three = saved_by_step(1), saved_by_step(2), saved_by_step(3)
+    per_client = two - one
+    assert three - two == per_client > 0
+    estimate = client_bytes_estimate(model, layout, fr.cfg.optim, torch.device("cpu"), "fp32", shape, batch, False)
+    assert per_client <= estimate <= 1.1 * per_client
+
+
+def _fake_fs(root, meminfo_kib: int, cgroup: str, files: dict):
+    (root / "proc/self").mkdir(parents=True)
+    (root / "proc/meminfo").write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {meminfo_kib} kB\n")
+    (root / "proc/self/cgroup").write_text(cgroup)
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+def test_available_ram_respects_cgroup_limits(tmp_path):
+    """auto sizes K from the RAM this job may use: a cgroup memory limit (SLURM --mem, a container) below the
+    host's MemAvailable wins; limit minus usage (inactive page cache counts as free), the tightest ancestor."""
+    from fedpeft_hpc.federated.memory import available_bytes
+
+    gib = 2**30
+    host = 64 * gib // 1024  # kB
+    job = "sys/fs/cgroup/system.slice/slurmstepd.scope/job_7"
+    v2 = _fake_fs(tmp_path / "v2", host, "0::/system.slice/slurmstepd.scope/job_7/step_0\n", {
+        f"{job}/memory.max": f"{8 * gib}\n", f"{job}/memory.current": f"{3 * gib}\n",
+        f"{job}/memory.stat": f"anon 1\ninactive_file {gib}\nactive_file 5\n",
+        f"{job}/step_0/memory.max": "max\n", f"{job}/step_0/memory.current": f"{3 * gib}\n",
+        "sys/fs/cgroup/memory.max": "max\n"})
+    assert available_bytes("cpu", fs_root=v2) == 8 * gib - (3 * gib - gib)
+    (v2 / f"{job}/step_0/memory.max").write_text(f"{4 * gib}\n")  # a tighter child
+    assert available_bytes("cpu", fs_root=v2) == gib
+    (v2 / f"{job}/memory.max").write_text(f"{200 * gib}\n")
+    (v2 / f"{job}/step_0/memory.max").write_text("max\n")
+    assert available_bytes("cpu", fs_root=v2) == 64 * gib  # the host has less than the limit leaves
+    # a container: cgroup namespace, the process's cgroup is the mount's root; cgroup v1
+    v1 = _fake_fs(tmp_path / "v1", host, "4:memory:/\n0::/\n", {
+        "sys/fs/cgroup/memory/memory.limit_in_bytes": f"{6 * gib}\n",
+        "sys/fs/cgroup/memory/memory.usage_in_bytes": f"{gib}\n"})
+    assert available_bytes("cpu", fs_root=v1) == 5 * gib
+    (v1 / "sys/fs/cgroup/memory/memory.limit_in_bytes").write_text("9223372036854771712\n")  # no limit
+    assert available_bytes("cpu", fs_root=v1) == 64 * gib
+    assert available_bytes("cpu", fs_root=_fake_fs(tmp_path / "none", host, "", {})) == 64 * gib
+
+
+@pytest.mark.parametrize("precision,allowed", [("fp32", False), ("tf32", True)])
+def test_precision_sets_both_tf32_switches_on_cuda_and_restores_them(precision, allowed):
+    """fp32 on CUDA is plain fp32: cuDNN's TF32 (on by default) is off inside the block as well as cuBLAS's;
+    tf32 turns both on; both come back afterwards, also after an error. The switches are process flags that
+    need no GPU to set, so this runs on a CPU."""
+    from fedpeft_hpc.models.precision import compute_precision
+
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        for before in ((True, True), (False, True), (True, False), (not allowed, not allowed)):
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+            with compute_precision(precision, torch.device("cuda")):
+                assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (allowed, allowed)
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+            with pytest.raises(KeyError), compute_precision(precision, "cuda:0"):
+                raise KeyError("boom")
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+            with compute_precision(precision, "cpu"):  # no effect on a CPU
+                assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags

@@ -38,12 +38,18 @@ def test_every_module_registers_and_cuda_skips_nothing_it_needs():
                                                              "data"]
 
 
-def test_clients_and_rounds_measure_ratios_of_this_run(tmp_path, tiny_profile):
+def test_clients_and_rounds_measure_ratios_of_this_run(tmp_path, tiny_profile, monkeypatch):
     from fedpeft_hpc.bench.clients import batched_vs_opacus, batched_vs_sequential
     from fedpeft_hpc.bench.rounds import rounds
+    from fedpeft_hpc.data import loader
+    from fedpeft_hpc.data.sources import DeviceBatches
 
+    read = []  # fl_efficiency's centralized baseline reads the clients' source, not the raw CPU store
+    iterate = loader.iterate_batches
+    monkeypatch.setattr(loader, "iterate_batches", lambda ds, *a, **kw: read.append(type(ds)) or iterate(ds, *a, **kw))
     ctx = context.BenchContext("quick", torch.device("cpu"), tmp_path)
     rows = batched_vs_sequential(ctx) + rounds(ctx) + batched_vs_opacus(ctx)
+    assert read and set(read) == {DeviceBatches}
     by_key = {r.key: r for r in rows if r.key}
     assert set(by_key) == {"batched_speedup", "batching_bound", "fl_efficiency", "aggregation_share"}
     for r in rows:

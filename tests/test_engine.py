@@ -213,3 +213,19 @@ def test_tensorboard_scalars_mirror_the_metrics(tmp_path):
     assert [e.step for e in events] == [r["round"] for r in rows]
     assert [e.value for e in events] == pytest.approx([r["test_acc"] for r in rows])
     assert "fedpeft/bytes_up_total" in acc.Tags()["scalars"]
+
+
+def test_bf16_run_reports_what_load_run_gets_in_fp32(tmp_path):
+    """model.precision=bf16 applies to client training only: evaluation runs in fp32, so summary.json's
+    final_acc is the accuracy of load_run's (fp32, CPU) model and the last test_loss is its loss."""
+    import fedpeft_hpc
+    from fedpeft_hpc.federated.evaluate import evaluate_shard
+
+    cfg, summary = run(tmp_path, "r", "peft.method=lora", "model.precision=bf16")
+    r = fedpeft_hpc.load_run(tmp_path / "r")
+    ds = r.test_dataset()
+    assert accuracy(r.model, ds, batch_size=100) == summary["final_acc"]
+    loss_sum, correct, count = evaluate_shard(r.model, ds, cfg.data.eval_batch_size, torch.device("cpu")).tolist()
+    last = read_jsonl(tmp_path / "r" / "metrics.jsonl")[-1]
+    assert last["test_acc"] == correct / count == summary["final_acc"]
+    assert last["test_loss"] == pytest.approx(loss_sum / count, rel=1e-9, abs=0)

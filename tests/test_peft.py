@@ -136,3 +136,54 @@ def test_the_cuda_layer_norm_fix_is_the_same_function_with_a_bias_gradient():
     for k in pf:
         assert ps[k].grad is not None
         torch.testing.assert_close(ps[k].grad, pf[k].grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_the_cuda_layer_norm_fix_pickles_and_keeps_opacus_per_sample_gradients(tmp_path):
+    """The split LayerNorm is a class of its own (a subclass of the original): a patched model survives
+    torch.save/torch.load, keeps its parameters, state_dict keys and isinstance checks, and Opacus computes the
+    same per-sample gradients for it as for the unpatched model (its rule is looked up by exact type)."""
+    import timm
+    from opacus import GradSampleModule
+    from timm.layers import LayerNorm as TimmLayerNorm
+    from torch import nn
+
+    from fedpeft_hpc.models import device_fixes
+
+    def vit():
+        torch.manual_seed(0)
+        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=16, patch_size=4,
+                              depth=2, embed_dim=32, num_heads=2)
+        return apply_peft(m, PeftConfig(method="bias"))
+
+    def mlp():  # torch's own LayerNorm, which Opacus has a hook rule for
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 24), nn.LayerNorm(24), nn.Linear(24, 10))
+        m[2].weight.requires_grad_(False)
+        return m
+
+    x, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 3, 1, 9, 3])
+    for build, cls in ((vit, TimmLayerNorm), (mlp, nn.LayerNorm)):
+        plain, split = build(), build()
+        changed = device_fixes.split_layer_norm_bias(split)
+        assert changed
+        norm = split.get_submodule(changed[0])
+        assert isinstance(norm, cls) and type(norm) is device_fixes.SPLIT_CLASSES[cls]
+        assert list(split.state_dict()) == list(plain.state_dict())
+        assert sum(p.numel() for p in split.parameters()) == sum(p.numel() for p in plain.parameters())
+        torch.save(split, tmp_path / "m.pt")
+        loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+        assert type(loaded.get_submodule(changed[0])) is type(norm)
+        assert torch.equal(loaded(x), split(x))
+        if cls is nn.LayerNorm:
+            assert GradSampleModule.GRAD_SAMPLERS[type(norm)] is GradSampleModule.GRAD_SAMPLERS[nn.LayerNorm]
+        samples = []
+        for m in (plain, split):
+            gsm = GradSampleModule(m)
+            nn.functional.cross_entropy(gsm(x), y).backward()
+            samples.append({n: p.grad_sample for n, p in m.named_parameters() if p.requires_grad})
+            gsm._close()
+        assert samples[0].keys() == samples[1].keys() and any("norm" in n or n.startswith("2.") for n in samples[0])
+        for n in samples[0]:
+            assert samples[1][n].shape[0] == len(y), n
+            torch.testing.assert_close(samples[1][n], samples[0][n], atol=1e-5, rtol=1e-4)

@@ -35,6 +35,7 @@ def _samples(fr) -> int:
 def rounds(ctx: BenchContext) -> list[Row]:
     from fedpeft_hpc.data.loader import iterate_batches
     from fedpeft_hpc.federated.client import local_train, make_optimizer
+    from fedpeft_hpc.utils.streams import AUGMENT, torch_generator
 
     p = ctx.profile
     k = p.headline_clients
@@ -48,13 +49,17 @@ def rounds(ctx: BenchContext) -> list[Row]:
         fr = ctx.engine(*common, *extra)
         out[name] = (fr, _rounds(fr))
     fr, rows = out["batched"]
-    # centralized training of the same model on the same data at batch K*B
-    idx = np.arange(len(fr.fed.data.train))
+    # centralized training of the same model on the same data at batch K*B, read from the same source the
+    # rounds' clients read (fr.sources: with data.gpu_store_mb the decoded images already on the GPU, resized
+    # and normalised there), not the raw store fr.fed.data.train (gathered, resized and normalised on the CPU,
+    # then copied): a baseline slowed by a data path the rounds do not take would inflate fl_efficiency
+    source = fr.sources.client(torch_generator(fr.cfg.seed, AUGMENT, 0, 0))
+    idx = np.arange(len(source))
     ctx.status("rounds: centralized")
 
     def central():
-        batches = iterate_batches(fr.fed.data.train, idx, k * p.batch, None, shuffle=False,
-                                  epochs=fr.cfg.fed.local_epochs)
+        batches = iterate_batches(source, idx, k * p.batch, None, shuffle=False, epochs=fr.cfg.fed.local_epochs,
+                                  num_workers=fr.cfg.data.num_workers)
         local_train(fr.model, fr.params, fr.layout, fr.global_vec, batches, make_optimizer(fr.params.values(),
                     fr.cfg.optim), ctx.device, precision=fr.cfg.model.precision)
 

@@ -49,9 +49,9 @@ class ModelConfig:
         None, "build model.checkpoint with a built-in pre-training recipe when it does not exist yet",
         choices=(None, "digits"))
     img_size: Optional[int] = opt(None, "input resolution (default: the model's own)", min=1)
-    precision: str = opt("fp32", "arithmetic of the forward/backward of client training and evaluation: fp32, tf32 "
-                         "(TensorFloat-32 matmuls on CUDA), bf16 (autocast); PEFT state, updates and aggregation "
-                         "stay fp32/fp64", choices=("fp32", "tf32", "bf16"))
+    precision: str = opt("fp32", "arithmetic of the forward/backward of client training: fp32, tf32 "
+                         "(TensorFloat-32 matmuls and convolutions on CUDA), bf16 (autocast); PEFT state, updates "
+                         "and aggregation stay fp32/fp64, evaluation is always fp32", choices=("fp32", "tf32", "bf16"))
     kwargs: dict = opt(None, "extra timm.create_model arguments (patch_size, depth, embed_dim, ...)", factory=dict)
 
 
@@ -110,8 +110,8 @@ class FedConfig:
                                            min_exclusive=True)
     client_batch: str = opt("off", "clients a rank trains at once in one forward/backward on the shared backbone: "
                             "off (one after another), a number K, or auto (K from the device's free memory); "
-                            "peft.method=full and models with batch norm or active dropout/drop path are always "
-                            "trained one after another")
+                            "peft.method=full and models with batch norm or active dropout/drop path/patch dropout "
+                            "are always trained one after another")
     sampling: str = opt("auto", "how cohorts are drawn: fixed (exactly clients_per_round, without replacement), "
                                 "poisson (each client independently with probability clients_per_round / "
                                 "num_clients), auto (poisson with privacy.mode=client, else fixed)",

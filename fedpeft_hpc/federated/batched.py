@@ -79,12 +79,17 @@ def has_batch_norm(model: nn.Module) -> bool:
 
 
 def stochastic_layers(model: nn.Module) -> list[str]:
-    """Names of the active dropout / drop-path layers: their draws come from each client's own stream
-    in sequential training (``client.local_train``); a batched pass would draw them from one stream."""
+    """Names of the active dropout / drop-path / patch-dropout layers: their draws come from each client's
+    own stream in sequential training (``client.local_train``); a batched pass would draw them from one
+    stream. The rate is ``p`` for torch's dropout, ``drop_prob`` for drop path, ``prob`` for timm's
+    ``PatchDropout`` (and its ``PatchDropoutWithIndices``)."""
     out = []
     for name, m in model.named_modules():
-        p = getattr(m, "p", None) if isinstance(m, nn.modules.dropout._DropoutNd) else getattr(m, "drop_prob", None)
-        if p is not None and float(p) > 0.0:
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            rates = [getattr(m, "p", None)]
+        else:
+            rates = [getattr(m, "drop_prob", None), getattr(m, "prob", None)]
+        if any(isinstance(p, (int, float)) and float(p) > 0.0 for p in rates):
             out.append(name)
     return out
 
@@ -184,7 +189,7 @@ class BatchedClientTrainer:
             raise ValueError("clients with and without DP-SGD noise in one batch")
         rows = active
         params = self._rows(rows)
-        with compute_precision(self.precision, self.device), _vmap_friendly_attention(self.model):
+        with compute_precision(self.precision, self.device), vmap_friendly_attention(self.model):
             if all(dp):
                 grads = self._dp_grads(params, xs, ys, sizes, noises, rows)
             else:
@@ -288,7 +293,7 @@ class BatchedClientTrainer:
 
 # -- attention under vmap ----------------------------------------------------------------------
 @contextlib.contextmanager
-def _vmap_friendly_attention(model: nn.Module):
+def vmap_friendly_attention(model: nn.Module):
     """timm attention modules take their plain path (matmul, softmax, matmul) while vmapped.
 
     vmap has no batching rule for the fused CPU attention kernel (torch 2.14) and runs it

@@ -13,11 +13,15 @@ shape:
   every tensor autograd saves for the backward (the activations, frozen weights excluded),
   plus the client's stacked state, gradient and optimizer state, plus for DP-SGD its
   per-sample parameters and gradients; the budget is ``AUTO_BUDGET_FRACTION`` of this
-  process's share of the available RAM (divided by the processes of the node).
+  process's share of the available RAM (divided by the processes of the node; the room under
+  the job's cgroup memory limit where that is less, ``memory.available_bytes``).
 
-K is capped by the clients a rank can get in a round. Methods whose client state is the
-whole model (``full``) and models with batch norm are trained one after another whatever
-the setting, with a log line saying so.
+K is capped by the clients a rank can get in a round; where that (or ``auto``'s budget) leaves
+one client at once, clients are trained one after another (a one-slot batched step is slower and
+needs more memory). Methods whose client state is the
+whole model (``full``), models with batch norm and models with active dropout, drop path or
+patch dropout (``batched.stochastic_layers``) are trained one after another whatever the
+setting, with a log line saying so.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from torch import nn
 from fedpeft_hpc.comm.world import detect_world
 from fedpeft_hpc.config.load import parse_client_batch
 from fedpeft_hpc.config.schema import Config, OptimConfig
-from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob, has_batch_norm, stochastic_layers
+from fedpeft_hpc.federated.batched import (BatchedClientTrainer, ClientJob, has_batch_norm, stochastic_layers,
+                                          vmap_friendly_attention)
 from fedpeft_hpc.federated.memory import available_bytes, peak_memory
 from fedpeft_hpc.models.precision import compute_precision
 from fedpeft_hpc.peft.state import FlatLayout
@@ -49,8 +54,7 @@ UNBATCHED_METHODS = ("full",)
 
 def plan_client_batch(cfg: Config, model: nn.Module, layout: FlatLayout, device: torch.device, image_shape: tuple,
                       world_size: int, dp: bool) -> Optional[int]:
-    """K for this rank, or ``None``: train clients one after another."""
-
+    """K (>= 2) for this rank, or ``None``: train clients one after another."""
     want = parse_client_batch(cfg.fed.client_batch)
     if want is None:
         return None
@@ -60,7 +64,7 @@ def plan_client_batch(cfg: Config, model: nn.Module, layout: FlatLayout, device:
         return None
     noisy = stochastic_layers(model)
     if noisy:
-        log.info("fed.client_batch=%s: %s has active dropout / drop path (%s%s); their draws come from each client's "
+        log.info("fed.client_batch=%s: %s has active dropout / drop path / patch dropout (%s%s); their draws come from each client's "
                  "own (seed, round, client) stream only when clients are trained one after another, which they are",
                  cfg.fed.client_batch, cfg.model.name, ", ".join(noisy[:3]), ", ..." if len(noisy) > 3 else "")
         return None
@@ -74,6 +78,12 @@ def plan_client_batch(cfg: Config, model: nn.Module, layout: FlatLayout, device:
                               cfg.data.batch_size, dp, most)
     else:
         k = min(int(want), most)
+    if k <= 1:  # one slot is slower than sequential training and needs more memory (plain attention)
+        why = ("the memory budget fits one" if want == "auto" and most > 1 else
+               f"{cfg.fed.clients_per_round} clients per round over {max(1, world_size)} rank(s)")
+        log.info("fed.client_batch=%s: at most %d client at once per rank (%s); clients are trained one after "
+                 "another", cfg.fed.client_batch, k, why)
+        return None
     log.info("fed.client_batch=%s: training up to %d clients at once per rank", cfg.fed.client_batch, k)
     return k
 
@@ -82,7 +92,6 @@ def probe_step_bytes(model: nn.Module, layout: FlatLayout, optim: OptimConfig, d
                      image_shape: tuple, batch_size: int, dp: bool, clients: int) -> Optional[int]:
     """Peak memory the allocator reports for one batched step of ``clients`` clients (full batches of zeros),
     state included; ``None`` where the device cannot measure it."""
-
     start = layout.flatten(dict(_named(model, layout)), torch.float32).to(device)
     x = torch.zeros((batch_size, *image_shape))
     y = torch.zeros(batch_size, dtype=torch.int64)
@@ -101,10 +110,8 @@ def probe_step_bytes(model: nn.Module, layout: FlatLayout, optim: OptimConfig, d
 def client_bytes_estimate(model: nn.Module, layout: FlatLayout, optim: OptimConfig, device: torch.device,
                           precision: str, image_shape: tuple, batch_size: int, dp: bool) -> int:
     """What one more client costs in a batched step: its activations (the tensors autograd saves in a forward at
-    the client batch, frozen weights excluded), its state, gradient and optimizer state, and for DP-SGD its
-    per-sample parameters and gradients."""
-
-
+    the client batch, with the plain attention the batched step runs, frozen weights excluded), its state,
+    gradient and optimizer state, and for DP-SGD its per-sample parameters and gradients."""
     shared = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: set = set()
     saved = 0
@@ -122,7 +129,9 @@ def client_bytes_estimate(model: nn.Module, layout: FlatLayout, optim: OptimConf
     y = torch.zeros(batch_size, dtype=torch.int64, device=device)
     was_training = model.training
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), compute_precision(precision, device):
+    # the attention the batched step runs (plain: it saves the attention matrices the fused kernel does not)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), compute_precision(precision, device), \
+            vmap_friendly_attention(model):
         loss = F.cross_entropy(model(x).float(), y)
     del loss
     model.train(was_training)
@@ -134,7 +143,7 @@ def client_bytes_estimate(model: nn.Module, layout: FlatLayout, optim: OptimConf
 
 def auto_client_batch(model: nn.Module, layout: FlatLayout, optim: OptimConfig, device: torch.device, precision: str,
                       image_shape: tuple, batch_size: int, dp: bool, most: int) -> int:
-
+    """K that fits the memory budget of ``device``, 1 to ``most``."""
     if most <= 1:
         return 1
     free = available_bytes(device)
@@ -147,7 +156,6 @@ def auto_client_batch(model: nn.Module, layout: FlatLayout, optim: OptimConfig, 
         base = max(0, one - per_client)
         how = "probe steps with 1 and 2 clients"
     else:
-
         if free is not None:  # the processes of this node share its RAM
             free //= max(1, detect_world(os.environ).local_world_size)
         per_client = client_bytes_estimate(model, layout, optim, device, precision, image_shape, batch_size, dp)

@@ -248,8 +248,7 @@ class FederatedTrainer:
         comm = self.comm
         load_vector(self.params, self.layout, self.global_vec)
         sums = evaluate_shard(self.model, self.sources.test, self.cfg.data.eval_batch_size, comm.device,
-                              comm.rank, comm.world_size, self.cfg.data.num_workers,
-                              precision=self.cfg.model.precision)
+                              comm.rank, comm.world_size, self.cfg.data.num_workers)  # fp32: what load_run gets
         comm.allreduce_sum_(sums, tag="eval")
         loss_sum, correct, count = sums.tolist()
         return correct / count, loss_sum / count

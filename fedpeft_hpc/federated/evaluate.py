@@ -23,8 +23,10 @@ def shard_indices(n: int, batch_size: int, rank: int, world_size: int) -> np.nda
 
 @torch.no_grad()
 def evaluate_shard(model: nn.Module, dataset, batch_size: int, device: torch.device, rank: int = 0,
-                   world_size: int = 1, num_workers: int = 0, precision: str = "fp32") -> torch.Tensor:
-    """``[loss_sum, correct, count]`` (fp64) over this rank's batches; the forward runs in ``precision``."""
+                   world_size: int = 1, num_workers: int = 0) -> torch.Tensor:
+    """``[loss_sum, correct, count]`` (fp64) over this rank's batches. The forward runs in fp32 whatever
+    ``model.precision`` (which applies to client training only), so the accuracy a run reports is the one
+    its fine-tuned model gets in fp32 (``load_run``)."""
     was_training = model.training
     model.eval()
     out = torch.zeros(3, dtype=torch.float64, device=device)
@@ -32,7 +34,7 @@ def evaluate_shard(model: nn.Module, dataset, batch_size: int, device: torch.dev
     if len(idx):
         for x, y in iterate_batches(dataset, idx, batch_size, None, shuffle=False, num_workers=num_workers):
             x, y = x.to(device), y.to(device)
-            with compute_precision(precision, device):
+            with compute_precision("fp32", device):  # on CUDA: no TF32 either
                 logits = model(x).float()
             out[0] += F.cross_entropy(logits, y, reduction="sum").double()
             out[1] += (logits.argmax(dim=1) == y).sum()

@@ -1,14 +1,19 @@
-"""``model.precision``: the arithmetic of the backbone's forward/backward, nothing else.
+"""``model.precision``: the arithmetic of the backbone's forward/backward in client training, nothing else.
 
 The frozen backbone dominates the cost of a client step, and on a GPU fp32 leaves most of
 it idle: measured on an H200 (tools/gpu_probe.py, ViT-B/16 224 px, BitFit), batch 16 ->
 256 gains 1.26x in fp32 but 2.7x under bf16 autocast. So:
 
-- ``fp32`` (default): plain fp32 everywhere; the reference for every equivalence test.
+- ``fp32`` (default): plain fp32 everywhere; the reference for every equivalence test. On
+  CUDA both TF32 switches are off inside the block (``cudnn.allow_tf32`` is on by default,
+  which would run the patch-embedding convolution in TF32).
 - ``tf32``: fp32 tensors, TensorFloat-32 matmuls/convolutions on CUDA (Ampere and later);
   no effect on CPU.
 - ``bf16``: ``torch.autocast(dtype=bfloat16)`` around the forward/backward of client training
-  and evaluation (CUDA and CPU).
+  (CUDA and CPU).
+
+Evaluation always runs in ``fp32`` (``federated.evaluate``): the accuracy a run reports is the
+one its fine-tuned model gets in fp32 from ``load_run`` (CONTRACT).
 
 The PEFT state, its gradients, optimizer states, updates and the aggregation stay fp32/fp64
 in every mode (autocast leaves fp32 leaves and their gradients fp32). The settings are
@@ -36,13 +41,20 @@ def compute_precision(precision: str, device: torch.device | str) -> Iterator[No
         with torch.autocast(device.type, dtype=torch.bfloat16):
             yield
         return
-    if precision == "tf32" and device.type == "cuda":
-        before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        try:
+    if device.type == "cuda":  # cuDNN allows TF32 convolutions by default: fp32 turns it off
+        with _tf32(precision == "tf32"):
             yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
         return
     yield
+
+
+@contextlib.contextmanager
+def _tf32(allowed: bool) -> Iterator[None]:
+    """TF32 matmuls (cuBLAS) and convolutions (cuDNN) allowed or not inside the block, restored after."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
