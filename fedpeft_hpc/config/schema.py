@@ -26,7 +26,8 @@ def opt(default: Any, help: str = "", choices: tuple | None = None, min: float |
 @dataclass
 class RunConfig:
     dir: str = opt("runs/default", "where everything of this run is written")
-    resume: str = opt("auto", "auto: continue from checkpoints/latest.safetensors if present; "
+    resume: str = opt("auto", "auto: continue the run in run.dir from checkpoints/latest.safetensors (from round 0 "
+                      "if it wrote metrics but no checkpoint yet); "
                       "never: refuse a directory that already holds a run; must: fail without a checkpoint",
                       choices=("auto", "never", "must"))
     checkpoint_every: int = opt(1, "write the global PEFT state every N rounds (and always at the end)", min=1)
