@@ -240,3 +240,17 @@ def test_tensorboard_scalars_mirror_the_metrics(tmp_path):
     assert [e.step for e in events] == [r["round"] for r in rows]
     assert [e.value for e in events] == pytest.approx([r["test_acc"] for r in rows])
     assert "fedpeft/bytes_up_total" in acc.Tags()["scalars"]
+
+
+def test_a_resume_drops_a_torn_last_metrics_line(tmp_path):
+    extra = ("fed.rounds=2", "run.keep_checkpoints=2")
+    _, full = run(tmp_path, "a", *extra)
+    a = tmp_path / "a"
+    rows = read_jsonl(a / "metrics.jsonl")
+    shutil.copy(a / "checkpoints" / "round_00001.safetensors", a / "checkpoints" / "latest.safetensors")
+    (a / "summary.json").unlink()
+    # killed while writing round 2's row: only a fragment of it is there
+    (a / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:20])
+    _, resumed = run(tmp_path, "a", *extra)
+    assert resumed == full
+    assert [r["round"] for r in read_jsonl(a / "metrics.jsonl")] == [1, 2]

@@ -90,14 +90,16 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir.mkdir(exist_ok=True)
         atomic_write_text(self.config_path, dump_yaml(cfg))
+        if not self.metrics_path.is_file():
+            return
         after = ckpt.round if ckpt is not None else 0
-        rows = self._rows(self.metrics_path)
+        rows = self._rows(self.metrics_path)  # a killed run's torn last line goes too
         later = [{**r, "superseded_at_resume_from": after} for r in rows if r.get("round", 0) > after]
         if later:
             old = self.superseded_path.read_text() if self.superseded_path.is_file() else ""
             atomic_write_text(self.superseded_path, old + "".join(json.dumps(r) + "\n" for r in later))
-            kept = [r for r in rows if r.get("round", 0) <= after]
-            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in rows if r.get("round", 0) <= after]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def config_differences(self, cfg: Config) -> list[tuple[str, object, object]]:
         """``(key, saved, new)`` for every key where ``cfg`` differs from the saved ``config.yaml``,
