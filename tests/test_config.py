@@ -41,7 +41,7 @@ def test_overrides_reach_nested_and_free_form_keys():
     ("fed.client_batch=many", "fed.client_batch", "valid are off, auto"),
     ("fed.client_batch=-2", "fed.client_batch", "valid are off, auto"),
     ("model.precision=fp16", "model.precision", "fp32, tf32, bf16"),
-    ("privacy.delta=1.5", "privacy.delta", "<= 1"),
+    ("privacy.delta=1.5", "privacy.delta", "< 1"),
     ("privacy.noise_multiplier=-1", "privacy.noise_multiplier", ">= 0"),
     ("peft.lora_targets=qkv,mlp", "peft.lora_targets", "qkv, proj, fc1, fc2"),
     ("optim.name=adam", "optim.name", "Did you mean 'adamw'"),

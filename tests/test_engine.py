@@ -91,6 +91,33 @@ def test_resume_after_interruption_is_exact(tmp_path):
     assert [r["round"] for r in read_jsonl(a / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_a_requeue_before_the_first_checkpoint_restarts_from_round_0(tmp_path):
+    """Round 1's metrics were written, then the job died before any checkpoint (run.checkpoint_every > 1):
+    the requeued run starts again from round 0, its old row moved aside, and ends as a fresh run does."""
+    from fedpeft_hpc.errors import ConfigError
+
+    extra = ("peft.method=lora", "fed.rounds=3", "run.checkpoint_every=5")
+    _, fresh = run(tmp_path, "fresh", *extra)
+    _, _ = run(tmp_path, "a", *extra)
+    a = tmp_path / "a"
+    rows = read_jsonl(a / "metrics.jsonl")
+    shutil.rmtree(a / "checkpoints")
+    (a / "summary.json").unlink()
+    (a / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(ConfigError, match="different config"):
+        run(tmp_path, "a", *extra, "optim.lr=0.5")
+    with pytest.raises(ConfigError, match="run.resume=must"):
+        run(tmp_path, "a", *extra, "run.resume=must")
+    _, resumed = run(tmp_path, "a", *extra)
+    assert resumed == fresh
+    final = load_checkpoint(tmp_path / "fresh" / "checkpoints" / "latest.safetensors")
+    again = load_checkpoint(a / "checkpoints" / "latest.safetensors")
+    assert all(torch.equal(final.peft[k], again.peft[k]) for k in final.peft)
+    assert [r["round"] for r in read_jsonl(a / "metrics.jsonl")] == [1, 2, 3]
+    assert [(r["round"], r["superseded_at_resume_from"]) for r in read_jsonl(a / "metrics.superseded.jsonl")] \
+        == [(1, 0)]
+
+
 def test_a_different_config_does_not_resume_into_the_same_dir(tmp_path):
     from fedpeft_hpc.errors import ConfigError
 
@@ -229,3 +256,17 @@ def test_bf16_run_reports_what_load_run_gets_in_fp32(tmp_path):
     last = read_jsonl(tmp_path / "r" / "metrics.jsonl")[-1]
     assert last["test_acc"] == correct / count == summary["final_acc"]
     assert last["test_loss"] == pytest.approx(loss_sum / count, rel=1e-9, abs=0)
+
+
+def test_a_resume_drops_a_torn_last_metrics_line(tmp_path):
+    extra = ("fed.rounds=2", "run.keep_checkpoints=2")
+    _, full = run(tmp_path, "a", *extra)
+    a = tmp_path / "a"
+    rows = read_jsonl(a / "metrics.jsonl")
+    shutil.copy(a / "checkpoints" / "round_00001.safetensors", a / "checkpoints" / "latest.safetensors")
+    (a / "summary.json").unlink()
+    # killed while writing round 2's row: only a fragment of it is there
+    (a / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1])[:20])
+    _, resumed = run(tmp_path, "a", *extra)
+    assert resumed == full
+    assert [r["round"] for r in read_jsonl(a / "metrics.jsonl")] == [1, 2]

@@ -101,9 +101,16 @@ def test_the_preflight_checks_the_run_directory_read_only(tmp_path):
     d.mkdir()
     (d / "metrics.jsonl").write_text('{"round": 1}\n')
     cfg = load_config(QUICKSTART, tiny_overrides(d))
-    with pytest.raises(ConfigError, match="holds metrics of a run but no checkpoints"):
+    with pytest.raises(ConfigError, match="holds metrics.jsonl but no config.yaml"):
         Preflight().check(cfg)
     assert sorted(p.name for p in d.iterdir()) == ["metrics.jsonl"]
+    from fedpeft_hpc.config.load import dump_yaml
+
+    (d / "config.yaml").write_text(dump_yaml(cfg))  # the same run, requeued before its first checkpoint
+    assert Preflight().check(cfg).resumes
+    with pytest.raises(ConfigError, match="different config"):
+        Preflight().check(load_config(QUICKSTART, tiny_overrides(d, "optim.lr=0.5")))
+    assert sorted(p.name for p in d.iterdir()) == ["config.yaml", "metrics.jsonl"]
     assert Preflight().check(cfg, run_dir=False).trainable_params == 3082
 
 

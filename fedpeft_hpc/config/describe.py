@@ -38,7 +38,7 @@ def _bounds(meta: Mapping) -> str:
     if lo is not None:
         parts.append(f"{'>' if meta.get('min_exclusive') else '>='} {lo:g}")
     if hi is not None:
-        parts.append(f"<= {hi:g}")
+        parts.append(f"{'<' if meta.get('max_exclusive') else '<='} {hi:g}")
     return ", ".join(parts)
 
 

@@ -136,8 +136,11 @@ def check_value(key: str, value: Any, meta: dict) -> None:
             raise ConfigError(key, f"must be > {lo}, got {value}")
         if not meta.get("min_exclusive") and not value >= lo:
             raise ConfigError(key, f"must be >= {lo}, got {value}")
-    if hi is not None and not value <= hi:
-        raise ConfigError(key, f"must be <= {hi}, got {value}")
+    if hi is not None:
+        if meta.get("max_exclusive") and not value < hi:
+            raise ConfigError(key, f"must be < {hi}, got {value}")
+        if not meta.get("max_exclusive") and not value <= hi:
+            raise ConfigError(key, f"must be <= {hi}, got {value}")
 
 
 def build_dataclass(cls, data: dict, prefix: str = ""):
@@ -292,6 +295,11 @@ def validate(cfg: Config) -> None:
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError("optim.betas", f"{cfg.optim.betas!r}: two numbers in [0, 1)")
     pv = cfg.privacy
+    if pv.mode == "client" and fed.min_clients > 1:
+        raise ConfigError("fed.min_clients",
+                          f"{fed.min_clients} with privacy.mode=client: client-level DP applies every round's "
+                          "noised sum (noise alone when no update arrives), since skipping rounds with few updates "
+                          "would reveal the cohort's size without noise; use fed.min_clients=1")
     if pv.mode != "none":
         if pv.noise_multiplier is None and pv.target_epsilon is None:
             raise ConfigError("privacy.noise_multiplier",

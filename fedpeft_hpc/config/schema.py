@@ -13,11 +13,11 @@ from typing import Any, Optional
 
 def opt(default: Any, help: str = "", choices: tuple | None = None, min: float | None = None,
         max: float | None = None, min_exclusive: bool = False, factory: Any = None,
-        item_choices: tuple | None = None) -> Any:
+        item_choices: tuple | None = None, max_exclusive: bool = False) -> Any:
     """A dataclass field with the metadata that validation and ``fedpeft-hpc config keys`` read:
     help text, allowed values (``choices``, or ``item_choices`` for each element of a list) and bounds."""
     meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
-            "item_choices": item_choices}
+            "max_exclusive": max_exclusive, "item_choices": item_choices}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -26,7 +26,8 @@ def opt(default: Any, help: str = "", choices: tuple | None = None, min: float |
 @dataclass
 class RunConfig:
     dir: str = opt("runs/default", "where everything of this run is written")
-    resume: str = opt("auto", "auto: continue from checkpoints/latest.safetensors if present; "
+    resume: str = opt("auto", "auto: continue the run in run.dir from checkpoints/latest.safetensors (from round 0 "
+                      "if it wrote metrics but no checkpoint yet); "
                       "never: refuse a directory that already holds a run; must: fail without a checkpoint",
                       choices=("auto", "never", "must"))
     checkpoint_every: int = opt(1, "write the global PEFT state every N rounds (and always at the end)", min=1)
@@ -105,7 +106,8 @@ class FedConfig:
     rounds: int = opt(50, "communication rounds", min=1)
     local_epochs: int = opt(10, "local epochs per round", min=1)
     dropout: float = opt(0.0, "probability that a sampled client does not return its update", min=0.0, max=1.0)
-    min_clients: int = opt(1, "rounds where fewer updates arrive keep the global state unchanged", min=1)
+    min_clients: int = opt(1, "rounds where fewer updates arrive keep the global state unchanged (must be 1 "
+                              "with privacy.mode=client, which applies every round)", min=1)
     max_update_norm: Optional[float] = opt(None, "reject updates whose L2 norm exceeds this", min=0.0,
                                            min_exclusive=True)
     client_batch: str = opt("off", "clients a rank trains at once in one forward/backward on the shared backbone: "
@@ -151,7 +153,8 @@ class PrivacyConfig:
     noise_multiplier: Optional[float] = opt(None, "Gaussian noise std / clipping norm", min=0.0)
     target_epsilon: Optional[float] = opt(None, "derive the noise so that this epsilon is spent at the end",
                                           min=0.0, min_exclusive=True)
-    delta: float = opt(1e-5, "delta of the (epsilon, delta) guarantee", min=0.0, max=1.0, min_exclusive=True)
+    delta: float = opt(1e-5, "delta of the (epsilon, delta) guarantee", min=0.0, max=1.0, min_exclusive=True,
+                       max_exclusive=True)
     max_grad_norm: float = opt(1.0, "clipping norm (per sample, or per client update)", min=0.0,
                                min_exclusive=True)
     accountant: str = opt("rdp", "privacy accountant", choices=("rdp", "prv"))

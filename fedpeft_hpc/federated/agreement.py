@@ -29,6 +29,8 @@ PER_NODE_KEYS = ("data.root", "data.num_workers", "model.checkpoint", "run.threa
 WHAT = {  # name -> (what it covers, what usually causes a mismatch)
     "config": ("the resolved config", "the ranks were started with different configs or overrides"),
     "start_round": ("the round to start from", "run.dir is not the same shared directory on every node"),
+    "rerun_rounds": ("how many released rounds the resume runs again",
+                     "run.dir is not the same shared directory on every node"),
     "global_state": ("the global PEFT state", "run.dir is not the same shared directory on every node"),
     "partition": ("the client partition", "data.partition_file or the training data differ between nodes"),
     "backbone": ("the frozen backbone weights", "model.checkpoint points to different weights on different "

@@ -44,7 +44,7 @@ from fedpeft_hpc.runs.checkpoint import Checkpoint
 from fedpeft_hpc.runs.rundir import RunDir
 from fedpeft_hpc.runs.sinks import JsonlSink, MetricsSinks, TensorBoardSink
 from fedpeft_hpc.utils.logs import log_to_file
-from fedpeft_hpc.utils.streams import AUGMENT, CLIENT_DATA, CLIENT_LAYERS, derived_seed, torch_generator
+from fedpeft_hpc.utils.streams import AUGMENT, CLIENT_LAYERS, derived_seed, torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,8 @@ class FederatedTrainer:
         self.fed = federation if federation is not None else build_federation(cfg, comm.device)
         self.rundir = RunDir(cfg.run.dir, is_main=comm.is_main)
         resume = self.rundir.resume_point(cfg)
+        # rounds whose outputs were released but that this start runs again (read before rank 0 moves them)
+        self.rerun_rounds = self.rundir.rerun_rounds(resume.round if resume is not None else 0)
         self.fingerprints = {"backbone": backbone_fingerprint(self.fed.built.model),
                              "data": data_fingerprint(self.fed.data.train_targets, self.fed.data.train,
                                                       self.fed.data.test)}
@@ -145,7 +147,8 @@ class FederatedTrainer:
             self._restore(resume)
         # every rank must start from the same place: checked before anything is written
         check_agreement(comm, {**self.fingerprints, "config": config_fingerprint(cfg),
-                               "start_round": self.start_round, "global_state": state_fingerprint(self.global_vec),
+                               "start_round": self.start_round, "rerun_rounds": len(self.rerun_rounds),
+                               "global_state": state_fingerprint(self.global_vec),
                                "partition": partition_fingerprint(self.fed.client_indices)})
         noise_key = self._noise_key()
         image = self.fed.built.image
@@ -160,6 +163,11 @@ class FederatedTrainer:
         # from here on this process's log also goes to the run directory (until fit() ends or close())
         self._detach_log = log_to_file(self.rundir.log_path(comm.rank), comm.rank, comm.world_size)
         self.fed.privacy.use_noise(noise_key)
+        if cfg.privacy.mode == "client":
+            # client-level DP takes credit for cohort sampling: who is sampled comes from the noise key
+            # (the secret every rank holds; a seeded key draws exactly the seed's cohorts)
+            self.fed.schedule.use_key(noise_key)
+        self._charge_rerun_rounds()
         if comm.is_main and not cfg.data.partition_file:
             save_partition(self.rundir.path / "partition.json", self.fed.client_indices,
                            {"seed": cfg.seed, "partition": cfg.data.partition, "alpha": cfg.data.alpha,
@@ -173,6 +181,21 @@ class FederatedTrainer:
                                                                                     dtype=torch.int64)
         self.comm.allreduce_sum_(words, tag="noise_key")  # rank 0's words plus zeros
         return NoiseKey.from_secret(words_as_secret(words))
+
+    def _charge_rerun_rounds(self) -> None:
+        """Under DP with secret noise, rounds run past the checkpoint before an interruption are run again
+        with noise nobody can redraw: their first outputs (metrics rows, TensorBoard, ...) were released,
+        so the accountant is charged for them once more. With seeded noise (or without DP) the re-run
+        computes the same values: nothing new is released, nothing is charged."""
+        rounds = self.rerun_rounds
+        if not rounds or self.cfg.privacy.mode == "none" or self.cfg.privacy.seeded_noise:
+            return
+        # sample-level DP: the clients of those rounds, re-derived from the public cohorts (from the seed);
+        # client-level DP counts one step per round whoever was sampled
+        self.fed.privacy.charge_again(rounds, self.fed.schedule.returning)
+        log.warning("resume: rounds %s had already run with secret DP noise that cannot be drawn again; their "
+                    "released outputs are charged to the accountant a second time (rounds_charged_again in "
+                    "privacy.json and summary.json)", ", ".join(map(str, rounds)))
 
     # -- state ---------------------------------------------------------------------------
     def _checkpoint(self, round_idx: int) -> Checkpoint:
@@ -216,10 +239,12 @@ class FederatedTrainer:
         return buf
 
     def _client_batches(self, round_idx: int, client: int):
-        """Client ``client``'s local-training batches in ``round_idx``: data order and augmentation drawn
-        from (seed, round, client), on the rank's device; the same for the sequential and batched paths."""
+        """Client ``client``'s local-training batches in ``round_idx``: augmentation drawn from (seed, round,
+        client), data order (DP-SGD: batch membership) from the privacy mechanism's generator (the seed's
+        stream, or the secret noise key under sample-level DP), on the rank's device; the same for the
+        sequential and batched paths."""
         cfg, fed = self.cfg, self.fed
-        gen = torch_generator(cfg.seed, CLIENT_DATA, round_idx, client)
+        gen = fed.privacy.batch_generator(cfg.seed, round_idx, client)
         source = self.sources.client(torch_generator(cfg.seed, AUGMENT, round_idx, client))
         return fed.privacy.client_batches(source, fed.client_indices[client], cfg.data.batch_size,
                                           cfg.fed.local_epochs, gen, cfg.data.num_workers)
@@ -268,7 +293,10 @@ class FederatedTrainer:
         comm.allreduce_sum_(buf.values, tag="aggregate")
         update_sum, stats = buf.split()
         # 4. the server rule (and DP noise), identically on every rank
-        applied = stats.returned >= cfg.fed.min_clients and stats.weight_sum > 0
+        # client-level DP always releases the noised, divided sum (noise alone for an empty cohort), as
+        # DP-FedAvg does: skipping a round for too few updates would release the cohort's size unnoised
+        applied = (cfg.privacy.mode == "client"
+                   or (stats.returned >= cfg.fed.min_clients and stats.weight_sum > 0))
         if applied:
             delta = fed.privacy.finalize(update_sum, stats.weight_sum, round_idx)
             self.server_opt.step(self.global_vec, delta.to(torch.float32))
@@ -356,6 +384,7 @@ class FederatedTrainer:
         s.update(self._privacy_fields())
         if self.cfg.privacy.mode != "none":
             s["seeded_noise"] = self.cfg.privacy.seeded_noise
+            s["rounds_charged_again"] = list(self.fed.privacy.rounds_charged_again)
         return s
 
     def _privacy_fields(self) -> dict:

@@ -41,7 +41,7 @@ def submit(cfg: Config, profile: ClusterProfile, executor: str = "auto", wait: b
     params = auto_parameters(profile, kind, name)
     what = (f"{cfg.peft.method} on {cfg.data.name}: {checked.trainable_params:,} trainable parameters, "
             f"{profile.nodes} node(s) x {profile.tasks} task(s)")
-    echo(f"run {run_dir}: {what}" + (" (resumes from its checkpoint)" if checked.resumes else ""))
+    echo(f"run {run_dir}: {what}" + (" (continues the run in it)" if checked.resumes else ""))
     if checked.weights_built_by_job:
         echo(f"model.checkpoint {cfg.model.checkpoint} does not exist yet: the job builds it "
              f"(model.pretrain_recipe={cfg.model.pretrain_recipe})")

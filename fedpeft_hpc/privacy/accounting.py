@@ -57,19 +57,31 @@ def epsilon_of(history: Iterable[Sequence], delta: float, accountant: str) -> fl
         return 0.0
     if any(sigma <= 0.0 for sigma, _, _ in hist):
         return math.inf
-    return _epsilon(tuple(hist), float(delta), str(accountant))
+    try:
+        return _epsilon(tuple(hist), float(delta), str(accountant))
+    except RuntimeError as e:  # PRV: "Cannot compute epsilon" (e.g. delta close to 1)
+        raise _accountant_failed(delta, accountant, e) from None
+
+
+def _accountant_failed(delta: float, accountant: str, e: Exception) -> ConfigError:
+    return ConfigError("privacy.delta", f"the Opacus {accountant} accountant cannot compute epsilon at "
+                                        f"delta={delta:g} ({e}); use a smaller privacy.delta (typically below "
+                                        "1/number of samples) or another privacy.accountant")
 
 
 @functools.lru_cache(maxsize=65536)
 def _epsilon(hist: tuple, delta: float, accountant: str) -> float:
-    """Memoised: every round asks again for the histories that did not change."""
+    """Memoised: every round asks again for the histories that did not change.
+
+    Never below 0: at a large delta the accountant's conversion can return a negative epsilon;
+    (0, delta)-DP is implied by it and is what is reported."""
     acc = make_accountant(accountant)
     acc.history = list(hist)
     with warnings.catch_warnings():
         # numpy overflow inside PRV's domain search; RDP's "optimal order is the largest alpha"
         # (the bound is then looser than it could be, never optimistic)
         warnings.simplefilter("ignore")
-        return float(acc.get_epsilon(delta=delta))
+        return max(0.0, float(acc.get_epsilon(delta=delta)))
 
 
 def noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
@@ -87,6 +99,8 @@ def noise_for(target_epsilon: float, delta: float, sample_rate: float, steps: in
         return 0.0
     try:
         return _noise_for(float(target_epsilon), float(delta), float(sample_rate), int(steps), str(accountant))
+    except RuntimeError as e:  # PRV: "Cannot compute epsilon" (e.g. delta close to 1)
+        raise _accountant_failed(delta, accountant, e) from None
     except ValueError as e:
         who = f" for {what}" if what else ""
         floor = rdp_floor(delta) if accountant == "rdp" else None

@@ -1,7 +1,8 @@
 """The interface through which privacy shapes a round, and plain FedAvg (``NoPrivacy``).
 
 The engine calls, per run: ``use_noise`` and ``wrap_model`` once; per client:
-``wrap_optimizer`` (or, when clients are trained batched, ``client_noise``), ``client_batches``,
+``wrap_optimizer`` (or, when clients are trained batched, ``client_noise``), ``batch_generator``
+and ``client_batches``,
 then (after local training) ``client_update``; per
 round, on every rank, after the one all-reduce: ``finalize`` and ``account``; and
 ``epsilon``/``report`` for the logs, ``state_dict``/``load_state_dict`` for checkpoints. A mechanism may shape only what these hooks
@@ -21,6 +22,7 @@ from torch import nn
 from fedpeft_hpc.data.loader import iterate_batches
 from fedpeft_hpc.privacy.dpsgd import ClientNoise
 from fedpeft_hpc.privacy.noise import NoiseKey
+from fedpeft_hpc.utils.streams import CLIENT_DATA, torch_generator
 
 
 class PrivacyMechanism(ABC):
@@ -35,6 +37,10 @@ class PrivacyMechanism(ABC):
     @abstractmethod
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """The module that local training runs (e.g. with per-sample gradient hooks). Called once."""
+
+    @abstractmethod
+    def batch_generator(self, seed: int, round_idx: int, client: int) -> torch.Generator:
+        """The generator that draws client ``client``'s batches in ``round_idx`` (``client_batches``)."""
 
     @abstractmethod
     def client_batches(self, dataset, indices: np.ndarray, batch_size: int, epochs: int,
@@ -86,6 +92,11 @@ class PlainLocalTraining:
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model
+
+    def batch_generator(self, seed: int, round_idx: int, client: int) -> torch.Generator:
+        """From the seed: the data order of plain local training is no part of any DP guarantee
+        (client-level DP clips and noises the whole update, whatever the order)."""
+        return torch_generator(seed, CLIENT_DATA, round_idx, client)
 
     def client_batches(self, dataset, indices: np.ndarray, batch_size: int, epochs: int,
                        generator: torch.Generator, num_workers: int = 0) -> Iterable:

@@ -27,9 +27,13 @@ Accounting, by ``fed.sampling`` (``federated.sampling.cohort_sampling``):
   Opacus has no analysis of sampling without replacement, so this applies the Poisson
   analysis to it (an approximation, stated in ``report()``); use ``poisson`` for an exact one.
 
-Every round counts as a step, whoever was sampled and whether or not the round was applied
-(rounds skipped for too few updates release nothing, so this is conservative). Client
-dropout is not credited.
+Every round counts as a step, whoever was sampled. Every round is applied: the engine adds
+the noised sum divided by m to the state whether many, few or no updates arrived (noise alone
+for an empty cohort), as DP-FedAvg does; skipping a round for too few updates would release,
+without noise, whether the cohort was small (``fed.min_clients`` must be 1 in this mode, a
+``ConfigError`` otherwise). Cohorts (and dropout) are drawn from the run's noise key
+(``federated.sampling.Schedule.use_key``): the subsampling the accountant credits needs them
+hidden. Client dropout is not credited.
 """
 
 from __future__ import annotations
@@ -132,7 +136,8 @@ class ClientDP(PlainLocalTraining, DPMechanism):
                 "sampling": SAMPLING_NOTES[self.sampling]}
 
     def state_dict(self) -> dict:
-        return {"history": [list(e) for e in self.history]}
+        return {"history": [list(e) for e in self.history], "rounds_charged_again": list(self.rounds_charged_again)}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = merge_history((state or {}).get("history", []))
+        self.rounds_charged_again = [int(r) for r in (state or {}).get("rounds_charged_again", [])]

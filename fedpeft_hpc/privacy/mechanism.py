@@ -20,7 +20,10 @@ log = logging.getLogger(__name__)
 
 EPSILON_COVERS = ("the sequence of global PEFT states the server releases (checkpoints, and test metrics "
                   "computed from them); NOT train_loss, train_acc and rejected in metrics.jsonl, which are "
-                  "computed from the clients' private data without noise")
+                  "computed from the clients' private data without noise, and NOT the per-round counts "
+                  "clients, sampled, dropped and skipped, nor the byte counts derived from them (every "
+                  "bytes_* and full_ft_bytes_total field, also in summary.json), which give the cohort's size without "
+                  "noise (under client-level DP with Poisson cohorts the accountant assumes it hidden)")
 
 
 class DPMechanism(PrivacyMechanism):
@@ -38,6 +41,8 @@ class DPMechanism(PrivacyMechanism):
         self.seed = int(seed)
         self.seeded_noise = bool(cfg.seeded_noise)
         self.noise_key: NoiseKey | None = None
+        #: rounds charged a second time: run again on resume after their outputs were released
+        self.rounds_charged_again: list[int] = []
         if self.fixed_noise is not None and float(self.fixed_noise) == 0.0:
             log.warning("privacy.noise_multiplier=0: %s only, no privacy (epsilon = inf)", self.clipping)
 
@@ -56,6 +61,12 @@ class DPMechanism(PrivacyMechanism):
         if self.noise_key is None:
             raise RuntimeError("DP noise requested before use_noise() gave the mechanism a key")
         return self.noise_key.generator(tag, *keys, device=device)
+
+    def charge_again(self, rounds, returning_of) -> None:
+        """Account ``rounds`` once more (``returning_of(round)``: the clients that trained in it)."""
+        for r in rounds:
+            self.account(int(r), returning_of(int(r)))
+        self.rounds_charged_again = sorted([*self.rounds_charged_again, *map(int, rounds)])
 
     def calibrate(self, sample_rate: float, steps: int, what: str) -> float:
         """The noise multiplier for ``steps`` steps at ``sample_rate``: the configured one, or the
@@ -76,4 +87,5 @@ class DPMechanism(PrivacyMechanism):
                 "noise_source": ("derived from the seed (privacy.seeded_noise=true): regenerable by anyone who "
                                  "knows the seed" if self.seeded_noise else
                                  "keyed by a 256-bit secret drawn from the OS at start, held in memory only"),
+                "rounds_charged_again": list(self.rounds_charged_again),
                 "epsilon_covers": EPSILON_COVERS}

@@ -10,6 +10,11 @@ drawn the way Opacus' ``secure_mode`` draws it (sum of four Gaussians over two, 
 draw), which defeats floating-point attacks on the Gaussian sampler (Holohan & Braghin 2021).
 Runs are then not repeatable by design; a resumed run draws a new secret.
 
+The same key also draws what the accountants assume to be hidden: which samples a DP-SGD
+step uses (``SampleDP.batch_generator``) and, under client-level DP, which clients a round
+samples (``federated.sampling.Schedule.use_key``). Subsampling amplifies privacy only when
+membership is secret; drawn from the seed it could be recomputed from config.yaml.
+
 With ``privacy.seeded_noise=true`` the generators derive from the seed like every other stream
 (``utils.streams``): runs and resumes are bitwise repeatable, and the reported epsilon holds only
 against someone who does not know the seed (it is in config.yaml). For simulation studies.
@@ -21,9 +26,10 @@ import hashlib
 import logging
 import secrets
 
+import numpy as np
 import torch
 
-from fedpeft_hpc.utils.streams import torch_generator
+from fedpeft_hpc.utils.streams import rng, torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +58,25 @@ class NoiseKey:
         """True when the noise cannot be regenerated from anything written to disk."""
         return self._secret is not None
 
-    def generator(self, tag: int, *keys: int, device=None) -> torch.Generator:
-        if self._seed is not None:
-            return torch_generator(self._seed, tag, *keys, device=device)
+    def _secret_seed(self, tag: int, *keys: int) -> int:
         msg = b"/".join(str(int(k)).encode() for k in (tag, *keys))
         digest = hashlib.blake2b(msg, key=self._secret, digest_size=8).digest()
+        return int.from_bytes(digest, "little") & (2**63 - 1)
+
+    def generator(self, tag: int, *keys: int, device=None) -> torch.Generator:
+        """A torch generator for (tag, *keys); with a seed, exactly ``utils.streams.torch_generator``."""
+        if self._seed is not None:
+            return torch_generator(self._seed, tag, *keys, device=device)
         g = torch.Generator(device=device if device is not None else "cpu")
-        g.manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+        g.manual_seed(self._secret_seed(tag, *keys))
         return g
+
+    def rng(self, tag: int, *keys: int) -> np.random.Generator:
+        """A NumPy generator for (tag, *keys); with a seed, exactly ``utils.streams.rng`` (so seeded
+        runs draw what they always drew)."""
+        if self._seed is not None:
+            return rng(self._seed, tag, *keys)
+        return np.random.default_rng(self._secret_seed(tag, *keys))
 
 
 def fresh_secret() -> bytes:

@@ -12,7 +12,11 @@ Opacus accountant turns into epsilon.
 
 Noise comes from a generator per (client, round) keyed by the run's noise key (a secret by
 default, the seed with ``privacy.seeded_noise``; see ``privacy.noise``); with a secret, Opacus'
-``secure_mode`` draws it (robust to floating-point attacks). Its scale is
+``secure_mode`` draws it (robust to floating-point attacks). The Poisson batches' membership
+comes from the same key (``batch_generator``): the accountant's subsampling credit needs it hidden.
+The cohort of clients, by contrast, stays a public function of the seed under sample-level DP:
+each client's accountant counts only the rounds it trained in and takes no credit for cohort
+sampling, so knowing who was sampled costs nothing that is not already charged. Its scale is
 ``privacy.noise_multiplier`` for every client, or calibrated per client from
 ``privacy.target_epsilon``: the schedule is a pure function of the seed, so the number
 of rounds R_k each client will train in is known up front, and sigma_k is the smallest
@@ -48,7 +52,7 @@ from fedpeft_hpc.privacy.accounting import merge_history
 from fedpeft_hpc.privacy.base import SampleWeightedMean
 from fedpeft_hpc.privacy.dpsgd import ClientNoise
 from fedpeft_hpc.privacy.mechanism import DPMechanism
-from fedpeft_hpc.utils.streams import CLIENT_NOISE
+from fedpeft_hpc.utils.streams import CLIENT_DATA, CLIENT_NOISE
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,14 @@ def register_grad_samplers() -> None:
     _SAMPLERS_REGISTERED = True
 
 
+def _cast_like(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, keeping the mark Opacus sets on per-sample gradients it has processed."""
+    out = t.to(dtype)
+    if hasattr(t, "_processed"):
+        out._processed = t._processed
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _gsm_classes():
     from opacus import GradSampleModule
@@ -129,6 +141,15 @@ def _gsm_classes():
                     and all(getattr(p, "grad_sample", None) is None for p in params)):
                 for p in params:
                     p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+            # Under autocast (model.precision=bf16) the per-sample gradients come out in bf16; Opacus
+            # computes the clipping norms before casting them to the parameter's dtype, so a bf16 norm
+            # rounded down would let a clipped gradient exceed max_grad_norm. Cast first (fp32 norms).
+            for p in params:
+                gs = getattr(p, "grad_sample", None)
+                if isinstance(gs, torch.Tensor) and gs.dtype != p.dtype:
+                    p.grad_sample = _cast_like(gs, p.dtype)
+                elif isinstance(gs, list) and any(g.dtype != p.dtype for g in gs):
+                    p.grad_sample = [_cast_like(g, p.dtype) for g in gs]
             return super().pre_step(closure)
 
     return DPGradSampleModule, EmptyBatchDPOptimizer
@@ -210,6 +231,19 @@ class SampleDP(SampleWeightedMean, DPMechanism):
                         "peft.method=full: the whole model is re-run per sample)" if root else "")
         return self._wrapped
 
+    def batch_generator(self, seed: int, round_idx: int, client: int) -> torch.Generator:
+        """Which samples each DP-SGD step of ``client`` uses in ``round_idx``: the accountant takes
+        credit for Poisson subsampling, which holds only while batch membership is hidden, so the
+        generator is keyed by the run's noise key (a secret by default; with
+        ``privacy.seeded_noise=true`` exactly the seed's stream ``(seed, CLIENT_DATA, round, client)``).
+        The sequential (Opacus) and the client-batched path both draw their batches from it."""
+        key = self.noise_key
+        if key is None:
+            raise RuntimeError("DP-SGD batches requested before use_noise() gave the mechanism a key")
+        if not key.secure and int(seed) != self.seed:
+            raise ValueError(f"seeded noise key of seed {self.seed}, batches asked for seed {seed}")
+        return key.generator(CLIENT_DATA, round_idx, client)
+
     def client_batches(self, dataset, indices: np.ndarray, batch_size: int, epochs: int,
                        generator: torch.Generator, num_workers: int = 0) -> Iterable:
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -277,8 +311,10 @@ class SampleDP(SampleWeightedMean, DPMechanism):
 
     def state_dict(self) -> dict:
         return {"histories": {str(k): [list(e) for e in h] for k, h in self.histories.items()},
-                "rounds": {str(k): r for k, r in self.rounds.items()}}
+                "rounds": {str(k): r for k, r in self.rounds.items()},
+                "rounds_charged_again": list(self.rounds_charged_again)}
 
     def load_state_dict(self, state: dict) -> None:
         self.histories = {int(k): merge_history(h) for k, h in (state or {}).get("histories", {}).items()}
         self.rounds = {int(k): int(r) for k, r in (state or {}).get("rounds", {}).items()}
+        self.rounds_charged_again = [int(r) for r in (state or {}).get("rounds_charged_again", [])]

@@ -1,8 +1,13 @@
 """The run directory (see CONTRACT.md): config.yaml, metrics.jsonl, summary.json, checkpoints/.
 
 Only rank 0 writes. Nothing already written is destroyed: a directory that holds a run
-is resumed (``run.resume=auto``) or refused (``never``); metrics after the checkpoint
-round are dropped on resume because they are recomputed identically.
+is resumed (``run.resume=auto``) or refused (``never``). A resume continues after the
+checkpoint's round, or from round 0 when the run wrote metrics but no checkpoint yet (a
+requeue before the first ``run.checkpoint_every``). The metrics rows of rounds after that
+point are re-run, so they leave ``metrics.jsonl`` for ``metrics.superseded.jsonl`` (each row
+marked with the round the resume started after): without DP, or with seeded noise, the re-run
+computes them identically; with secret DP noise it does not, and the outputs of both runs of
+those rounds were released, so the engine charges them to the accountant (``rerun_rounds``).
 """
 
 from __future__ import annotations
@@ -30,11 +35,14 @@ class RunDir:
         self.metrics_path = self.path / "metrics.jsonl"
         self.summary_path = self.path / "summary.json"
         self.config_path = self.path / "config.yaml"
+        self.superseded_path = self.path / "metrics.superseded.jsonl"
 
     # -- start / resume ---------------------------------------------------------------
     def check(self, cfg: Config) -> bool:
         """Every check of a start or resume, reading only (``fedpeft-hpc submit``/``sweep`` run them
-        on the login node). Returns whether the run will resume from ``checkpoints/latest.safetensors``."""
+        on the login node). Returns whether the run continues one in this directory: from
+        ``checkpoints/latest.safetensors``, or (``run.resume=auto``, metrics but no checkpoint yet)
+        from round 0."""
         problem = usable_dir_problem(self.path)
         if problem:
             raise ConfigError("run.dir", f"{problem}; give a directory to hold the run")
@@ -47,19 +55,39 @@ class RunDir:
         if mode == "must" and not has_ckpt:
             raise ConfigError("run.resume", f"run.resume=must but {self.latest} does not exist")
         if has_run and not has_ckpt:
-            raise ConfigError("run.dir", f"{self.path} holds metrics of a run but no checkpoints/latest.safetensors "
-                                         "to resume from; choose a new run.dir (nothing was overwritten)")
-        if has_ckpt:
+            if self.summary_path.is_file():
+                raise ConfigError("run.dir", f"{self.path} holds a finished run (summary.json) but no "
+                                             "checkpoints/latest.safetensors; choose a new run.dir (nothing was "
+                                             "overwritten)")
+            if not self.config_path.is_file():
+                raise ConfigError("run.dir", f"{self.path} holds metrics.jsonl but no config.yaml to check it "
+                                             "against; choose a new run.dir (nothing was overwritten)")
+        if has_run:
             self._check_same_run(cfg)
-        return has_ckpt
+        return has_run
+
+    def rerun_rounds(self, after_round: int) -> list[int]:
+        """Rounds whose outputs were released but that a resume after ``after_round`` runs again:
+        the rows of ``metrics.jsonl`` past it, and the rows an earlier resume from the same point
+        moved to ``metrics.superseded.jsonl`` (no checkpoint since holds their charge). Reads only."""
+        rounds = [int(r["round"]) for r in self._rows(self.metrics_path) if int(r.get("round", 0)) > after_round]
+        rounds += [int(r["round"]) for r in self._rows(self.superseded_path)
+                   if int(r.get("superseded_at_resume_from", -1)) >= after_round and int(r["round"]) > after_round]
+        return sorted(rounds)
+
+    @staticmethod
+    def _rows(path: Path) -> list[dict]:
+        return read_jsonl(path) if path.is_file() else []
 
     def resume_point(self, cfg: Config) -> Checkpoint | None:
-        """Decide between a fresh start and a resume (reads only); the checkpoint to resume from."""
-        return load_checkpoint(self.latest) if self.check(cfg) else None
+        """Decide between a fresh start and a resume (reads only); the checkpoint to resume from
+        (``None``: start at round 1, fresh or continuing a run that had no checkpoint yet)."""
+        self.check(cfg)
+        return load_checkpoint(self.latest) if self.latest.is_file() else None
 
     def start(self, cfg: Config, ckpt: Checkpoint | None) -> None:
-        """Write the resolved config; on resume, drop metrics rows after the checkpoint's round
-        (they are recomputed identically). Rank 0 only."""
+        """Write the resolved config; move the metrics rows after the checkpoint's round (after round 0
+        without one) to ``metrics.superseded.jsonl``: they are re-run. Rank 0 only."""
         if not self.is_main:
             return
         try:
@@ -68,9 +96,16 @@ class RunDir:
         except OSError as e:
             raise ConfigError("run.dir", f"cannot create {self.path} ({e.strerror or e})") from None
         atomic_write_text(self.config_path, dump_yaml(cfg))
-        if ckpt is not None:
-            rows = [r for r in read_jsonl(self.metrics_path) if r.get("round", 0) <= ckpt.round]
-            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        if not self.metrics_path.is_file():
+            return
+        after = ckpt.round if ckpt is not None else 0
+        rows = self._rows(self.metrics_path)  # a killed run's torn last line goes too
+        later = [{**r, "superseded_at_resume_from": after} for r in rows if r.get("round", 0) > after]
+        if later:
+            old = self.superseded_path.read_text() if self.superseded_path.is_file() else ""
+            atomic_write_text(self.superseded_path, old + "".join(json.dumps(r) + "\n" for r in later))
+        kept = [r for r in rows if r.get("round", 0) <= after]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def config_differences(self, cfg: Config) -> list[tuple[str, object, object]]:
         """``(key, saved, new)`` for every key where ``cfg`` differs from the saved ``config.yaml``,
