@@ -163,7 +163,7 @@ class FederatedTrainer:
         # from here on this process's log also goes to the run directory (until fit() ends or close())
         self._detach_log = log_to_file(self.rundir.log_path(comm.rank), comm.rank, comm.world_size)
         self.fed.privacy.use_noise(noise_key)
-        if cfg.privacy.mode == "client":
+        if self.fed.privacy.secret_cohorts:
             # client-level DP takes credit for cohort sampling: who is sampled comes from the noise key
             # (the secret every rank holds; a seeded key draws exactly the seed's cohorts)
             self.fed.schedule.use_key(noise_key)
@@ -295,7 +295,7 @@ class FederatedTrainer:
         # 4. the server rule (and DP noise), identically on every rank
         # client-level DP always releases the noised, divided sum (noise alone for an empty cohort), as
         # DP-FedAvg does: skipping a round for too few updates would release the cohort's size unnoised
-        applied = (cfg.privacy.mode == "client"
+        applied = (fed.privacy.applies_every_round
                    or (stats.returned >= cfg.fed.min_clients and stats.weight_sum > 0))
         if applied:
             delta = fed.privacy.finalize(update_sum, stats.weight_sum, round_idx)

@@ -29,6 +29,12 @@ class PrivacyMechanism(ABC):
     """The hooks the engine calls; one subclass per privacy mode (``mode`` names it)."""
 
     mode: str
+    # the mechanism's analysis takes credit for sampling the cohort: who is sampled (and who drops out)
+    # must then be drawn from the noise key, not from the public seed
+    secret_cohorts: bool = False
+    # every round's update is released, whatever the cohort returned (skipping a round for too few
+    # updates would release the cohort's size unnoised)
+    applies_every_round: bool = False
 
     @abstractmethod
     def use_noise(self, key: NoiseKey) -> None:

@@ -74,6 +74,8 @@ def clip_update(delta: torch.Tensor, max_norm: float) -> torch.Tensor:
 class ClientDP(PlainLocalTraining, DPMechanism):
     mode = "client"
     clipping = "update clipping"
+    secret_cohorts = True  # the accountant amplifies by the cohort sampling rate q = m/N
+    applies_every_round = True  # DP-FedAvg: the noised, divided sum, noise alone for an empty cohort
 
     def __init__(self, privacy: PrivacyConfig, fed: FedConfig, seed: int, sampling: str):
         super().__init__(privacy, seed)
