@@ -7,7 +7,7 @@ is cheap and runs for every command that takes a config.
 fails on its compute node an hour after submission (a typo in a dataset path, a checkpoint that
 does not fit, a privacy target that cannot be met) costs a queue wait, and a sweep with one bad
 value would cost that many times. It builds what the trainer builds before it opens the run
-directory (``federated.engine.build_federation``: the model with its weights, the datasets, the
+directory (``federated.federation.build_federation``: the model with its weights, the datasets, the
 partition, the privacy calibration), checks that Opacus can wrap the model for DP-SGD, and runs
 the run directory's own checks read-only (``RunDir.check``), raising the same ``UserError`` s.
 
@@ -31,7 +31,7 @@ import torch
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.data import DATASETS, DataBundle, build_datasets, get_builder
 from fedpeft_hpc.errors import ConfigError
-from fedpeft_hpc.federated.engine import build_federation
+from fedpeft_hpc.federated.federation import build_federation
 from fedpeft_hpc.models import BuiltModel, build_model
 from fedpeft_hpc.peft import count_params, get_method, registered_methods
 from fedpeft_hpc.runs.rundir import RunDir

@@ -18,7 +18,6 @@ Paper datasets as image folders (``data.name=imagefolder``):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from fedpeft_hpc.data.datasets import TensorImageDataset

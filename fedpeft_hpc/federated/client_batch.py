@@ -64,8 +64,9 @@ def plan_client_batch(cfg: Config, model: nn.Module, layout: FlatLayout, device:
         return None
     noisy = stochastic_layers(model)
     if noisy:
-        log.info("fed.client_batch=%s: %s has active dropout / drop path / patch dropout (%s%s); their draws come from each client's "
-                 "own (seed, round, client) stream only when clients are trained one after another, which they are",
+        log.info("fed.client_batch=%s: %s has active dropout / drop path / patch dropout (%s%s); their draws "
+                 "come from each client's own (seed, round, client) stream only when clients are trained one "
+                 "after another, which they are",
                  cfg.fed.client_batch, cfg.model.name, ", ".join(noisy[:3]), ", ..." if len(noisy) > 3 else "")
         return None
     if has_batch_norm(model):

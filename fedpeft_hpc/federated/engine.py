@@ -23,7 +23,7 @@ import torch
 
 from fedpeft_hpc.comm.collective import Communicator
 from fedpeft_hpc.config.schema import Config
-from fedpeft_hpc.data import BatchSources, DataBundle, build_datasets, make_partition, partition_stats, save_partition
+from fedpeft_hpc.data import BatchSources, partition_stats, save_partition
 from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.aggregate import RoundBuffer, RoundStats, update_is_valid
 from fedpeft_hpc.federated.agreement import (backbone_fingerprint, check_agreement, check_resume, config_fingerprint,
@@ -32,13 +32,12 @@ from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob
 from fedpeft_hpc.federated.client import local_train, make_optimizer
 from fedpeft_hpc.federated.client_batch import plan_client_batch
 from fedpeft_hpc.federated.evaluate import evaluate_shard
+from fedpeft_hpc.federated.federation import Federation, build_federation
 from fedpeft_hpc.federated.ledger import ByteLedger
-from fedpeft_hpc.federated.sampling import Schedule, assign_to_ranks, cohort_sampling
+from fedpeft_hpc.federated.sampling import assign_to_ranks
 from fedpeft_hpc.federated.server_opt import build_server_optimizer
-from fedpeft_hpc.models import BuiltModel, build_model
 from fedpeft_hpc.models.device_fixes import apply_device_fixes
-from fedpeft_hpc.peft import FlatLayout, count_params, load_vector, peft_params
-from fedpeft_hpc.privacy import PrivacyMechanism, build_privacy
+from fedpeft_hpc.peft import FlatLayout, load_vector, peft_params
 from fedpeft_hpc.privacy.noise import SECRET_WORDS, NoiseKey, fresh_secret, secret_as_words, words_as_secret
 from fedpeft_hpc.runs.checkpoint import Checkpoint
 from fedpeft_hpc.runs.rundir import RunDir
@@ -47,40 +46,6 @@ from fedpeft_hpc.utils.logs import log_to_file
 from fedpeft_hpc.utils.streams import AUGMENT, CLIENT_LAYERS, derived_seed, torch_generator
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Federation:
-    """Everything a run is made of, built (and every user input checked) before a file is written."""
-
-    built: BuiltModel
-    counts: dict  # total/trainable parameters, bytes per transfer
-    data: DataBundle
-    client_indices: list[np.ndarray]  # training-set indices of each client
-    sizes: np.ndarray  # samples per client
-    schedule: Schedule
-    privacy: PrivacyMechanism
-
-
-def build_federation(cfg: Config, device: torch.device, built: BuiltModel | None = None,
-                     data: DataBundle | None = None) -> Federation:
-    """Model (weights loaded), data, partition, schedule and privacy calibration; writes nothing.
-
-    ``built`` and ``data`` may be given when already built for this config (the preflight of a
-    sweep builds each distinct model and dataset once); they are not modified.
-    """
-    built = built if built is not None else build_model(cfg.model, cfg.peft, cfg.seed)
-    data = data if data is not None else build_datasets(cfg.data, built.image, cfg.seed)
-    if data.num_classes > cfg.model.num_classes:
-        raise ConfigError("model.num_classes", f"{cfg.model.num_classes} is fewer than the "
-                                               f"{data.num_classes} classes of data.name={cfg.data.name}")
-    client_indices = make_partition(cfg.data, data.train_targets, cfg.fed.num_clients, cfg.seed)
-    sizes = np.array([len(p) for p in client_indices], dtype=np.int64)
-    schedule = Schedule(cfg.seed, cfg.fed.num_clients, cfg.fed.clients_per_round, cfg.fed.dropout,
-                        cohort_sampling(cfg.fed.sampling, cfg.privacy.mode))
-    privacy = build_privacy(cfg, client_sizes=sizes, schedule=schedule, device=device)
-    return Federation(built=built, counts=count_params(built.model), data=data, client_indices=client_indices,
-                      sizes=sizes, schedule=schedule, privacy=privacy)
 
 
 @dataclass

@@ -22,7 +22,8 @@ def _create(cfg: ModelConfig) -> nn.Module:
     import timm
 
     if not timm.is_model(cfg.name):
-        raise ConfigError("model.name", f"{cfg.name!r} is not a timm model.{did_you_mean(cfg.name, timm.list_models(), 3)}")
+        hint = did_you_mean(cfg.name, timm.list_models(), 3)
+        raise ConfigError("model.name", f"{cfg.name!r} is not a timm model.{hint}")
     kwargs = dict(cfg.kwargs)
     if cfg.img_size is not None:
         kwargs["img_size"] = cfg.img_size  # ViTs build their patch grid for it

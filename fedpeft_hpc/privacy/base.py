@@ -1,12 +1,12 @@
 """The interface through which privacy shapes a round, and plain FedAvg (``NoPrivacy``).
 
-The engine calls, per run: ``use_noise`` and ``wrap_model`` once; per client:
-``wrap_optimizer`` (or, when clients are trained batched, ``client_noise``), ``batch_generator``
-and ``client_batches``,
-then (after local training) ``client_update``; per
-round, on every rank, after the one all-reduce: ``finalize`` and ``account``; and
-``epsilon``/``report`` for the logs, ``state_dict``/``load_state_dict`` for checkpoints. A mechanism may shape only what these hooks
-hand it, so everything a guarantee rests on is visible here. (Modelled on pfl-research's
+The engine calls, per run: ``use_noise`` and ``wrap_model`` once (and reads ``secret_cohorts``
+and ``applies_every_round``); per client: ``wrap_optimizer`` (or, when clients are trained
+batched, ``client_noise``), ``batch_generator`` and ``client_batches``, then (after local
+training) ``client_update``; per round, on every rank, after the one all-reduce: ``finalize``
+and ``account``; on a resume that re-runs rounds, ``charge_again``; and ``epsilon``/``report``
+for the logs, ``state_dict``/``load_state_dict`` for checkpoints. A mechanism may shape only
+what these hooks hand it, so everything a guarantee rests on is visible here. (Modelled on pfl-research's
 postprocessors: ``postprocess_one_user`` ~ ``client_update``, ``postprocess_server`` ~ ``finalize``.)
 """
 
@@ -76,6 +76,11 @@ class PrivacyMechanism(ABC):
         """Record the privacy cost of round ``round_idx`` in which ``returning`` clients trained."""
 
     @abstractmethod
+    def charge_again(self, rounds: Sequence[int], returning_of) -> None:
+        """Account ``rounds`` once more: a resume runs them again with noise that cannot be redrawn,
+        after their first outputs were released (``returning_of(round)``: the clients that trained)."""
+
+    @abstractmethod
     def epsilon(self) -> float | None:
         """Epsilon spent so far at the configured delta (``None`` without DP, ``inf`` without noise)."""
 
@@ -138,6 +143,9 @@ class NoPrivacy(PlainLocalTraining, SampleWeightedMean, PrivacyMechanism):
 
     def account(self, round_idx: int, returning: Sequence[int]) -> None:
         pass
+
+    def charge_again(self, rounds: Sequence[int], returning_of) -> None:
+        pass  # nothing private is released: nothing to charge
 
     def epsilon(self) -> float | None:
         return None
