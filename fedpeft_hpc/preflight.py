@@ -55,10 +55,7 @@ class Checked:
     """What the preflight learnt about one config."""
 
     trainable_params: int
-    total_params: int
-    bytes_per_transfer: int
-    num_clients: int
-    resumes: bool  # the run directory holds a checkpoint this run will continue from
+    resumes: bool  # the run continues one in its directory (from its checkpoint, or from round 0)
     weights_built_by_job: bool  # model.pretrain_recipe will build model.checkpoint in the job
 
 
@@ -127,6 +124,5 @@ class Preflight:
             self._once(_key("wrap", model_key), wrap)
         resumes = RunDir(cfg.run.dir, is_main=False).check(cfg) if run_dir else False
         counts = count_params(built.model)
-        return Checked(trainable_params=counts["trainable_params"], total_params=counts["total_params"],
-                       bytes_per_transfer=counts["bytes_per_transfer"], num_clients=len(fed.client_indices),
-                       resumes=resumes, weights_built_by_job=_recipe_pending(cfg))
+        return Checked(trainable_params=counts["trainable_params"], resumes=resumes,
+                       weights_built_by_job=_recipe_pending(cfg))

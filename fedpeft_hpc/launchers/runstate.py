@@ -51,8 +51,9 @@ def read_summary(run_dir: Path) -> dict | None:
         return None  # being replaced right now, or damaged: not a result
 
 
-def run_status(run_dir: Path, job: JobRef | None = None) -> RunStatus:
-    rows = read_jsonl(run_dir / "metrics.jsonl")
+def run_status(run_dir: Path, job: JobRef | None = None, rows: list[dict] | None = None) -> RunStatus:
+    """The run's state; ``rows``: its ``metrics.jsonl`` rows when the caller has read them already."""
+    rows = read_jsonl(run_dir / "metrics.jsonl") if rows is None else rows
     done = int(rows[-1].get("round", 0)) if rows else 0
     ckpt = (run_dir / "checkpoints" / "latest.safetensors").is_file()
     summary = read_summary(run_dir)

@@ -37,15 +37,13 @@ from typing import Iterator
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.errors import ConfigError, UserError
 from fedpeft_hpc.launchers.jobstate import JobRef, SlurmUnreachable
+from fedpeft_hpc.launchers.manifest import FORMAT, MANIFEST, read_manifest
 from fedpeft_hpc.preflight import Preflight
 from fedpeft_hpc.launchers.profile import ClusterProfile
 from fedpeft_hpc.launchers.runstate import TO_RUN, RunStatus, run_status
 from fedpeft_hpc.launchers.sweep_spec import SweepRun, SweepSpec, override_items, short_names
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "sweep.json"
-FORMAT = "fedpeft-hpc-sweep/1"
 
 
 @dataclass
@@ -59,30 +57,6 @@ class PlannedRun:
     @property
     def to_run(self) -> bool:
         return self.status.state in TO_RUN
-
-
-def read_manifest(out: Path) -> dict:
-    p = out / MANIFEST
-    if not p.is_file():
-        return {}
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{p} cannot be read ({e}); move it away to start the sweep's bookkeeping "
-                        "afresh") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{p} is not a fedpeft-hpc sweep manifest (a JSON object is expected, it holds a "
-                        f"{type(data).__name__}); move it away to start the sweep's bookkeeping afresh")
-    if data.get("format") != FORMAT:
-        raise UserError(f"{p} is not a fedpeft-hpc sweep manifest (format {data.get('format')!r})")
-    runs = data.get("runs", {})
-    if not isinstance(runs, dict) or not all(isinstance(e, dict) for e in runs.values()):
-        raise UserError(f"{p}: \"runs\" must map each run name to an object; move the file away to start "
-                        "the sweep's bookkeeping afresh")
-    for key, kind in (("swept", list), ("short_names", dict)):
-        if key in data and not isinstance(data[key], kind):
-            raise UserError(f"{p}: \"{key}\" must be a JSON {'array' if kind is list else 'object'}")
-    return data
 
 
 def run_overrides(spec: SweepSpec, run: SweepRun) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 from fedpeft_hpc.config.load import dotted
 from fedpeft_hpc.errors import UserError
 from fedpeft_hpc.launchers.jobstate import JobRef
+from fedpeft_hpc.launchers.manifest import MANIFEST, read_manifest
 from fedpeft_hpc.launchers.runstate import RunStatus, run_status
 from fedpeft_hpc.utils.files import read_jsonl
 
@@ -49,7 +50,7 @@ class Collection:
         """A setting as the plots' legends show it: ``method=bias, lr=0.05``."""
         if not rec.setting:
             return rec.setting_name
-        return ", ".join(f"{self.short.get(k, k)}={_text(v)}" for k, v in rec.setting.items())
+        return ", ".join(f"{self.short.get(k, k)}={value_text(v)}" for k, v in rec.setting.items())
 
     def settings(self) -> dict[str, list[RunRecord]]:
         """setting name -> its runs (one per seed), in first-seen order."""
@@ -59,9 +60,10 @@ class Collection:
         return out
 
 
-def _text(v) -> str:
+def value_text(v, sep: str = "+") -> str:
+    """A swept value as text: lists joined with ``sep``, ``None`` as ``null``."""
     if isinstance(v, (list, tuple)):
-        return "+".join(str(x) for x in v)
+        return sep.join(str(x) for x in v)
     return "null" if v is None else str(v)
 
 
@@ -74,19 +76,18 @@ def _load_yaml(path: Path) -> dict:
         return {}
 
 
-
 def _record(name: str, setting: dict, setting_name: str, seed, run_dir: Path, job: JobRef | None,
             rounds: int | None, in_sweep: bool = True) -> RunRecord:
-    status = run_status(run_dir, job)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    status = run_status(run_dir, job, rows)
     if rounds is None:
         rounds = dotted(_load_yaml(run_dir / "config.yaml")).get("fed.rounds")
-    return RunRecord(name, setting, setting_name, seed, run_dir, status, rounds,
-                     read_jsonl(run_dir / "metrics.jsonl"), in_sweep)
+    return RunRecord(name, setting, setting_name, seed, run_dir, status, rounds, rows, in_sweep)
 
 
 def collect(path: Path) -> Collection:
     path = Path(path)
-    if (path / "sweep.json").is_file():
+    if (path / MANIFEST).is_file():
         return _from_sweep(path)
     if (path / "config.yaml").is_file():
         cfg = dotted(_load_yaml(path / "config.yaml"))
@@ -100,8 +101,6 @@ def collect(path: Path) -> Collection:
 
 
 def _from_sweep(path: Path) -> Collection:
-    from fedpeft_hpc.launchers.sweep import read_manifest
-
     m = read_manifest(path)
     swept = list(m.get("swept", []))
     short = dict(m.get("short_names", {})) or {k: k for k in swept}

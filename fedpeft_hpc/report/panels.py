@@ -11,13 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from fedpeft_hpc.errors import UserError
-from fedpeft_hpc.report.collect import Collection
-
-
-def _value_text(v) -> str:
-    if isinstance(v, (list, tuple)):
-        return "+".join(str(x) for x in v)
-    return "null" if v is None else str(v)
+from fedpeft_hpc.report.collect import Collection, value_text
 
 
 def resolve_keys(coll: Collection, keys: list[str]) -> list[str]:
@@ -45,7 +39,7 @@ def split(coll: Collection, keys: list[str]) -> list[tuple[str, Collection]]:
         return [(coll.title, coll)]
     groups: dict[tuple, list] = {}
     for rec in coll.runs:
-        value = tuple(_value_text(rec.setting.get(k)) for k in keys)
+        value = tuple(value_text(rec.setting.get(k)) for k in keys)
         groups.setdefault(value, []).append(replace(rec, setting={k: v for k, v in rec.setting.items()
                                                                    if k not in keys}))
     rest = [k for k in coll.swept if k not in keys]

@@ -13,7 +13,7 @@ import io
 import math
 from statistics import mean, stdev
 
-from fedpeft_hpc.report.collect import Collection, RunRecord
+from fedpeft_hpc.report.collect import Collection, RunRecord, value_text
 
 RESULT_FIELDS = ("seed", "state", "rounds_done", "rounds", "final_acc", "best_acc", "trainable_params", "mb_sent",
                  "wall_s", "epsilon")
@@ -119,7 +119,7 @@ def results_md(coll: Collection) -> str:
                      + ", ".join(f"`{r.name}`" for r in old) + ".")
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
-        values = [_cell(r["values"].get(k)) for k in coll.swept] or [r["setting"]]
+        values = [value_text(r["values"].get(k), sep=", ") for k in coll.swept] or [r["setting"]]
         cells = values + [f"{r['n']}/{r['runs']}", r["final_acc"], r["best_acc"], r["trainable_params"],
                           r["mb_sent"], r["wall_s"]] + ([r["epsilon"]] if dp else [])
         lines.append("| " + " | ".join(cells) + " |")
@@ -134,8 +134,3 @@ def results_md(coll: Collection) -> str:
             lines.append(f"- `{r.name}`: {r.status.state}, {r.status.rounds_done} round(s){of} done")
     return "\n".join(lines) + "\n"
 
-
-def _cell(v) -> str:
-    if isinstance(v, (list, tuple)):
-        return ", ".join(str(x) for x in v)
-    return "null" if v is None else str(v)

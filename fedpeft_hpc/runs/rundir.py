@@ -70,14 +70,10 @@ class RunDir:
         """Rounds whose outputs were released but that a resume after ``after_round`` runs again:
         the rows of ``metrics.jsonl`` past it, and the rows an earlier resume from the same point
         moved to ``metrics.superseded.jsonl`` (no checkpoint since holds their charge). Reads only."""
-        rounds = [int(r["round"]) for r in self._rows(self.metrics_path) if int(r.get("round", 0)) > after_round]
-        rounds += [int(r["round"]) for r in self._rows(self.superseded_path)
+        rounds = [int(r["round"]) for r in read_jsonl(self.metrics_path) if int(r.get("round", 0)) > after_round]
+        rounds += [int(r["round"]) for r in read_jsonl(self.superseded_path)
                    if int(r.get("superseded_at_resume_from", -1)) >= after_round and int(r["round"]) > after_round]
         return sorted(rounds)
-
-    @staticmethod
-    def _rows(path: Path) -> list[dict]:
-        return read_jsonl(path) if path.is_file() else []
 
     def resume_point(self, cfg: Config) -> Checkpoint | None:
         """Decide between a fresh start and a resume (reads only); the checkpoint to resume from
@@ -99,7 +95,7 @@ class RunDir:
         if not self.metrics_path.is_file():
             return
         after = ckpt.round if ckpt is not None else 0
-        rows = self._rows(self.metrics_path)  # a killed run's torn last line goes too
+        rows = read_jsonl(self.metrics_path)  # a killed run's torn last line goes too
         later = [{**r, "superseded_at_resume_from": after} for r in rows if r.get("round", 0) > after]
         if later:
             old = self.superseded_path.read_text() if self.superseded_path.is_file() else ""

@@ -26,7 +26,7 @@ CLIENT_DATA = 13
 CENTRAL_NOISE = 14
 CLIENT_NOISE = 15
 CLIENT_LAYERS = 16  # stochastic layers (drop path, dropout) of a client's forward
-EVAL_LAYERS = 17
+# 17: unused (never give a retired number to another stream)
 AUGMENT = 18
 POISSON_COHORT = 19
 
