@@ -18,6 +18,8 @@ from typing import Callable, Optional
 
 import torch
 
+from fedpeft_hpc.federated.memory import synchronize
+
 log = logging.getLogger(__name__)
 
 METHODS = ("head", "bias", "adapter", "prompt", "lora")
@@ -116,8 +118,7 @@ class BenchContext:
 
     # -- timing --------------------------------------------------------------------------
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
     def best_time(self, fn: Callable[[], object], repeats: Optional[int] = None) -> float:
         """Fastest of ``repeats`` timed calls after one warm-up call (least disturbed by other load)."""

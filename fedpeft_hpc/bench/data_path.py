@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from fedpeft_hpc.bench.registry import Row, at_most, register_measurement
+from fedpeft_hpc.federated.memory import synchronize
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +59,11 @@ def write_image_folder(root: Path, n_train: int, n_test: int, classes: int, px: 
     return root
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _seconds(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -171,12 +167,9 @@ def issue_row(work: Path, device: torch.device, rounds: int) -> dict:
     times: dict[str, list[float]] = {k: [] for k in runs}
     for r in range(1, rounds + 2):
         for name, run in runs.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            run.train_round(r)
-            _sync(device)
+            seconds = _seconds(lambda: run.train_round(r), device)
             if r > 1:  # round 1 warms up
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(seconds)
     med = {k: statistics.median(v) for k, v in times.items()}
 
     def ratio(a: str, b: str) -> float:  # per round, then the median: robust to load that drifts

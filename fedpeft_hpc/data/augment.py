@@ -18,18 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fedpeft_hpc.data.transforms import to_device
+
 AUGMENTS = ("none", "flip", "crop_flip")
 
 
 def crop_padding(side: int) -> int:
     """Zero padding of ``crop_flip`` for an image side: 1/8 of it, at least 1 px."""
     return max(1, round(side / 8))
-
-
-def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator | None) -> torch.Tensor:
@@ -49,8 +45,8 @@ def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator | None)
         oy = torch.randint(0, 2 * ph + 1, (n,), generator=generator)
         ox = torch.randint(0, 2 * pw + 1, (n,), generator=generator)
         x = F.pad(x, (pw, pw, ph, ph))
-        rows = _on(oy[:, None] + torch.arange(h)[None, :], x.device)  # [n, h] rows of the padded image
+        rows = to_device(oy[:, None] + torch.arange(h)[None, :], x.device)  # [n, h] rows of the padded image
         x = torch.gather(x, 2, rows.view(n, 1, h, 1).expand(n, c, h, x.shape[3]))
         cols = cols + ox[:, None]
-    cols = _on(cols, x.device)
+    cols = to_device(cols, x.device)
     return torch.gather(x, 3, cols.view(n, 1, 1, w).expand(n, c, h, w))

@@ -29,18 +29,10 @@ from torch.utils.data._utils.collate import default_collate
 from fedpeft_hpc.data.augment import augment_batch
 from fedpeft_hpc.data.datasets import TensorImageDataset
 from fedpeft_hpc.data.store import Batch, BatchSource, ImageStore
-from fedpeft_hpc.data.transforms import to_model_input
+from fedpeft_hpc.data.transforms import to_device, to_model_input
 from fedpeft_hpc.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if t.device == device:
-        return t
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 class DeviceBatches(BatchSource):
@@ -61,7 +53,7 @@ class DeviceBatches(BatchSource):
 
     def batch(self, indices: np.ndarray) -> Batch:
         x, y = self.store.gather(indices)
-        x, y = _to_device(x, self.device), _to_device(y, self.device)
+        x, y = to_device(x, self.device), to_device(y, self.device)
         x = augment_batch(x, self.augment, self.generator)
         return to_model_input(x, self.store.spec), y
 

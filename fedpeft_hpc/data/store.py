@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fedpeft_hpc.data.transforms import ImageSpec, to_model_input
+from fedpeft_hpc.data.transforms import ImageSpec, to_device, to_model_input
 from fedpeft_hpc.errors import DataError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -35,10 +35,7 @@ class BatchSource(Dataset):
 
 
 def _index_tensor(indices, device: torch.device) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+    return to_device(torch.as_tensor(np.asarray(indices, dtype=np.int64)), device)
 
 
 class ImageStore(BatchSource):

@@ -120,3 +120,12 @@ def tensor_to_spec(x: torch.Tensor, spec: ImageSpec, chunk: int = 512) -> torch.
     for start in range(0, x.shape[0], chunk):
         out[start:start + chunk] = to_model_input(x[start:start + chunk], spec)
     return out
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; from host memory to a GPU through pinned memory, without blocking."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

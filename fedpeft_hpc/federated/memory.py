@@ -58,6 +58,14 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait until ``device`` has finished its queued work (CUDA runs asynchronously; CPU: nothing to do),
+    before a clock or a memory counter is read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @contextlib.contextmanager
 def peak_memory(device: torch.device | str) -> Iterator[Peak]:
     """Measure the peak memory the enclosed block adds on ``device``."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from fedpeft_hpc.config.schema import ModelConfig, PeftConfig
 from fedpeft_hpc.data.transforms import ImageSpec
-from fedpeft_hpc.errors import ConfigError, UserError
+from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.models.backbone import build_backbone, image_spec
 from fedpeft_hpc.models.pretrain import ensure_pretrained
 from fedpeft_hpc.peft import apply_peft, param_bytes
@@ -33,13 +33,11 @@ def build_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, seed: int, load_we
     if load_weights:
         ensure_pretrained(model_cfg)
     model: nn.Module = build_backbone(model_cfg, seed, load_weights=load_weights)
-    full_bytes = param_bytes(model, trainable_only=False)
+    full_bytes = param_bytes(model.parameters())  # every parameter: what full fine-tuning sends
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         try:
             apply_peft(model, peft_cfg)
-        except UserError:
-            raise
         except ValueError as e:
             raise ConfigError("peft.method", str(e)) from None
     return BuiltModel(model=model, image=image_spec(model, model_cfg.img_size), full_bytes_per_transfer=full_bytes)

@@ -9,8 +9,9 @@ the frozen backbone is shared and never sent.
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Protocol
 
+import torch
 from torch import nn
 
 from fedpeft_hpc.config.schema import PeftConfig
@@ -81,9 +82,9 @@ def unfreeze_head(model: nn.Module) -> None:
         p.requires_grad_(True)
 
 
-def param_bytes(model: nn.Module, trainable_only: bool) -> int:
-    """Bytes of the model's (trainable) parameters in their own dtypes: one transfer of them."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad or not trainable_only)
+def param_bytes(params: Iterable[torch.Tensor]) -> int:
+    """Bytes of ``params`` in their own dtypes: one transfer of them."""
+    return sum(p.numel() * p.element_size() for p in params)
 
 
 def count_params(model: nn.Module) -> dict[str, int]:
@@ -91,6 +92,6 @@ def count_params(model: nn.Module) -> dict[str, int]:
     return {
         "total_params": sum(p.numel() for p in model.parameters()),
         "trainable_params": sum(p.numel() for p in state.values()),
-        "bytes_per_transfer": sum(p.numel() * p.element_size() for p in state.values()),
+        "bytes_per_transfer": param_bytes(state.values()),
         "tensors_per_transfer": len(state),
     }
