@@ -34,6 +34,7 @@ from fedpeft_hpc.federated.client_batch import plan_client_batch
 from fedpeft_hpc.federated.evaluate import evaluate_shard
 from fedpeft_hpc.federated.federation import Federation, build_federation
 from fedpeft_hpc.federated.ledger import ByteLedger
+from fedpeft_hpc.federated.memory import synchronize
 from fedpeft_hpc.federated.sampling import assign_to_ranks
 from fedpeft_hpc.federated.server_opt import build_server_optimizer
 from fedpeft_hpc.models.device_fixes import apply_device_fixes
@@ -115,7 +116,7 @@ class FederatedTrainer:
                                "start_round": self.start_round, "rerun_rounds": len(self.rerun_rounds),
                                "global_state": state_fingerprint(self.global_vec),
                                "partition": partition_fingerprint(self.fed.client_indices)})
-        noise_key = self._noise_key()
+        self.noise_key = self._noise_key()
         image = self.fed.built.image
         self.client_batch = plan_client_batch(cfg, self.model, self.layout, comm.device,
                                               (image.in_chans, image.img_size, image.img_size), comm.world_size,
@@ -127,11 +128,11 @@ class FederatedTrainer:
         self.rundir.start(cfg, resume)
         # from here on this process's log also goes to the run directory (until fit() ends or close())
         self._detach_log = log_to_file(self.rundir.log_path(comm.rank), comm.rank, comm.world_size)
-        self.fed.privacy.use_noise(noise_key)
+        self.fed.privacy.use_noise(self.noise_key)
         if self.fed.privacy.secret_cohorts:
             # client-level DP takes credit for cohort sampling: who is sampled comes from the noise key
             # (the secret every rank holds; a seeded key draws exactly the seed's cohorts)
-            self.fed.schedule.use_key(noise_key)
+            self.fed.schedule.use_key(self.noise_key)
         self._charge_rerun_rounds()
         if comm.is_main and not cfg.data.partition_file:
             save_partition(self.rundir.path / "partition.json", self.fed.client_indices,
@@ -153,7 +154,7 @@ class FederatedTrainer:
         so the accountant is charged for them once more. With seeded noise (or without DP) the re-run
         computes the same values: nothing new is released, nothing is charged."""
         rounds = self.rerun_rounds
-        if not rounds or self.cfg.privacy.mode == "none" or self.cfg.privacy.seeded_noise:
+        if not rounds or not self.noise_key.secure:  # seeded, or no DP (a seeded key then too)
             return
         # sample-level DP: the clients of those rounds, re-derived from the public cohorts (from the seed);
         # client-level DP counts one step per round whoever was sampled
@@ -365,8 +366,7 @@ class FederatedTrainer:
 
 def _synced(device: torch.device) -> float:
     """``time.perf_counter()`` after the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return time.perf_counter()
 
 
