@@ -307,5 +307,10 @@ def validate(cfg: Config) -> None:
         if pv.noise_multiplier is not None and pv.target_epsilon is not None:
             raise ConfigError("privacy.target_epsilon",
                               "give either privacy.noise_multiplier or privacy.target_epsilon, not both")
+    if pv.mode == "client" and pv.accountant == "prv" and fed.sampling == "fixed":
+        raise ConfigError("privacy.accountant",
+                          "prv analyses Poisson sampling only; fixed cohorts (fed.sampling=fixed) are sampled "
+                          "without replacement and accounted with dp-accounting's RDP analysis: use "
+                          "privacy.accountant=rdp, or fed.sampling=poisson with prv")
     if cfg.model.pretrain_recipe is not None and not cfg.model.checkpoint:
         raise ConfigError("model.checkpoint", "model.pretrain_recipe needs a model.checkpoint path to build")

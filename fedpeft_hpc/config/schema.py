@@ -162,6 +162,11 @@ class PrivacyConfig:
                                     "regenerate; true: noise derived from the seed, repeatable, for simulation "
                                     "studies only (the epsilon then holds only against whoever does not know "
                                     "the seed)")
+    release: str = opt("covered", "what a DP run writes: covered (metrics.jsonl and summary.json hold only what "
+                                  "epsilon covers: the round, test metrics of the noised model, epsilon, and values "
+                                  "that follow from the public schedule) or all (also the unnoised training "
+                                  "statistics, cohort counts and timings, listed in privacy.json as not covered)",
+                       choices=("covered", "all"))
 
 
 @dataclass

@@ -40,9 +40,11 @@ from fedpeft_hpc.federated.server_opt import build_server_optimizer
 from fedpeft_hpc.models.device_fixes import apply_device_fixes
 from fedpeft_hpc.peft import FlatLayout, load_vector, peft_params
 from fedpeft_hpc.privacy.noise import SECRET_WORDS, NoiseKey, fresh_secret, secret_as_words, words_as_secret
+from fedpeft_hpc.privacy.release import ReleasePolicy
 from fedpeft_hpc.runs.checkpoint import Checkpoint
 from fedpeft_hpc.runs.rundir import RunDir
 from fedpeft_hpc.runs.sinks import JsonlSink, MetricsSinks, TensorBoardSink
+from fedpeft_hpc.utils.files import read_jsonl
 from fedpeft_hpc.utils.logs import log_to_file
 from fedpeft_hpc.utils.streams import AUGMENT, CLIENT_LAYERS, derived_seed, torch_generator
 
@@ -93,6 +95,10 @@ class FederatedTrainer:
         resume = self.rundir.resume_point(cfg)
         # rounds whose outputs were released but that this start runs again (read before rank 0 moves them)
         self.rerun_rounds = self.rundir.rerun_rounds(resume.round if resume is not None else 0)
+        self.resumed_after = resume.round if resume is not None else 0
+        # what the run directory may hold under DP (privacy.release)
+        self.release = ReleasePolicy(cfg.privacy.mode, cfg.privacy.release, self.fed.schedule.sampling,
+                                     cfg.fed.dropout)
         self.fingerprints = {"backbone": backbone_fingerprint(self.fed.built.model),
                              "data": data_fingerprint(self.fed.data.train_targets, self.fed.data.train,
                                                       self.fed.data.test)}
@@ -133,7 +139,7 @@ class FederatedTrainer:
             # client-level DP takes credit for cohort sampling: who is sampled comes from the noise key
             # (the secret every rank holds; a seeded key draws exactly the seed's cohorts)
             self.fed.schedule.use_key(self.noise_key)
-        self._charge_rerun_rounds()
+        self._charge_earlier_releases()
         if comm.is_main and not cfg.data.partition_file:
             save_partition(self.rundir.path / "partition.json", self.fed.client_indices,
                            {"seed": cfg.seed, "partition": cfg.data.partition, "alpha": cfg.data.alpha,
@@ -148,20 +154,30 @@ class FederatedTrainer:
         self.comm.allreduce_sum_(words, tag="noise_key")  # rank 0's words plus zeros
         return NoiseKey.from_secret(words_as_secret(words))
 
-    def _charge_rerun_rounds(self) -> None:
-        """Under DP with secret noise, rounds run past the checkpoint before an interruption are run again
-        with noise nobody can redraw: their first outputs (metrics rows, TensorBoard, ...) were released,
-        so the accountant is charged for them once more. With seeded noise (or without DP) the re-run
-        computes the same values: nothing new is released, nothing is charged."""
-        rounds = self.rerun_rounds
-        if not rounds or not self.noise_key.secure:  # seeded, or no DP (a seeded key then too)
+    def _charge_earlier_releases(self) -> None:
+        """Under DP with secret noise, every released row that this run's accountant does not hold yet is charged
+        once more: rounds run past the checkpoint before an interruption (run again now, with noise nobody can
+        redraw), and the rows of earlier attempts set aside in ``failed-N/`` (started afresh by a sweep; not yet
+        charged by the checkpoint this run resumes from). With seeded noise (or without DP) a re-run computes the
+        same values: nothing new is released, nothing is charged."""
+        if not self.noise_key.secure:  # seeded, or no DP (a seeded key then too)
             return
+        privacy = self.fed.privacy
         # sample-level DP: the clients of those rounds, re-derived from the public cohorts (from the seed);
         # client-level DP counts one step per round whoever was sampled
-        self.fed.privacy.charge_again(rounds, self.fed.schedule.returning)
-        log.warning("resume: rounds %s had already run with secret DP noise that cannot be drawn again; their "
-                    "released outputs are charged to the accountant a second time (rounds_charged_again in "
-                    "privacy.json and summary.json)", ", ".join(map(str, rounds)))
+        if self.rerun_rounds:
+            privacy.charge_again(self.rerun_rounds, self.fed.schedule.returning,
+                                 source=f"rows re-run on resume after round {self.resumed_after}")
+            log.warning("resume: rounds %s had already run with secret DP noise that cannot be drawn again; their "
+                        "released outputs are charged to the accountant a second time (rounds_charged_again in "
+                        "privacy.json and summary.json)", ", ".join(map(str, self.rerun_rounds)))
+        done = privacy.charged_sources()
+        for name, rounds in self.rundir.earlier_attempts():
+            source = f"{name}/metrics.jsonl"
+            if rounds and source not in done:
+                privacy.charge_again(rounds, self.fed.schedule.returning, source=source)
+                log.warning("earlier attempt %s released rounds %s with secret DP noise; they are charged to this "
+                            "run's accountant (charges in privacy.json)", name, ", ".join(map(str, rounds)))
 
     # -- state ---------------------------------------------------------------------------
     def _checkpoint(self, round_idx: int) -> Checkpoint:
@@ -198,11 +214,19 @@ class FederatedTrainer:
             if update_is_valid(vec, cfg.fed.max_update_norm):
                 buf.add(vec, weight, res.loss_sum, res.seen, res.correct)
             else:
-                log.warning("round %d: rejected the update of client %d (non-finite or too large)", round_idx,
-                            client)
+                self._log_rejection(round_idx, client)
                 buf.reject()
             self.accumulate_s += time.perf_counter() - t0
         return buf
+
+    def _log_rejection(self, round_idx: int, client: int) -> None:
+        """Under DP no log line names the client (under client-level DP with privacy.release=covered nothing is
+        logged: the number of rejected updates is not covered)."""
+        if self.release.names_clients():
+            log.warning("round %d: rejected the update of client %d (non-finite or too large)", round_idx, client)
+        elif self.release.logs_rejections():
+            log.warning("round %d: rejected an update (non-finite or too large; under DP the client is not named)",
+                        round_idx)
 
     def _client_batches(self, round_idx: int, client: int):
         """Client ``client``'s local-training batches in ``round_idx``: augmentation drawn from (seed, round,
@@ -322,21 +346,44 @@ class FederatedTrainer:
             for r in range(self.start_round, cfg.fed.rounds + 1):
                 row = self.train_round(r).row()
                 row["elapsed_s"] = time.perf_counter() - t_start
+                row = self.release.row(row)  # under DP with privacy.release=covered: only what epsilon covers
                 sinks.write(row)
                 if r % cfg.run.checkpoint_every == 0 or r == cfg.fed.rounds:
                     self.rundir.save(self._checkpoint(r), cfg.run.keep_checkpoints)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_postfix(row, self.last_acc))
-            summary = self.summary()
+            summary = self.release.summary(self.summary())
             self.rundir.write_summary(summary)
-            self.rundir.write_json("privacy.json", fed.privacy.report())
+            self.rundir.write_json("privacy.json", self._privacy_report(summary))
         finally:
             sinks.close()
             if bar is not None:
                 bar.close()
             self.close()
         return summary
+
+    def _privacy_report(self, summary: dict) -> dict:
+        """``privacy.json``: the mechanism's report, and under DP what the run directory releases (rank 0 reads
+        back the fields metrics.jsonl holds)."""
+        report = self.fed.privacy.report()
+        if self.cfg.privacy.mode == "none" or not self.comm.is_main:
+            return report
+        fields = set().union(*(r.keys() for r in read_jsonl(self.rundir.metrics_path)))
+        release = self.release.report(fields, [k for k, v in summary.items() if v is not None])
+        release["log"] = ("train.log names no client; rejected updates are "
+                          + ("logged per round without the client" if self.release.logs_rejections()
+                             else "not logged (their number is not covered)"))
+        return {**report, "release": release, "earlier_attempts": self._attempts()}
+
+    def _attempts(self) -> list[dict]:
+        """Every earlier attempt set aside in ``failed-N/``: the rounds it released and what was charged for them."""
+        charged = {c["source"]: c["rounds"] for c in self.fed.privacy.charges}
+        return [{"attempt": name, "rounds_released": rounds,
+                 "rounds_charged": charged.get(f"{name}/metrics.jsonl", []),
+                 **({} if self.noise_key.secure else
+                    {"not_charged": "seeded noise: the same config and seed computes the same values"})}
+                for name, rounds in self.rundir.earlier_attempts()]
 
     def summary(self) -> dict:
         counts = self.fed.counts
@@ -380,6 +427,9 @@ def _progress(cfg: Config, is_main: bool, start: int):
 
 
 def _postfix(row: dict, acc: float | None) -> str:
-    mb = (row["bytes_up_total"] + row["bytes_down_total"]) / 1e6
+    """The progress bar's text, from the row as written (a count withheld under DP is not shown)."""
     acc_s = "-" if acc is None or math.isnan(acc) else f"{acc:.3f}"
+    if "bytes_up_total" not in row or "bytes_down_total" not in row:
+        return f"acc={acc_s}"
+    mb = (row["bytes_up_total"] + row["bytes_down_total"]) / 1e6
     return f"acc={acc_s} comm={mb:.1f}MB"

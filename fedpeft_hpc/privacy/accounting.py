@@ -29,6 +29,18 @@ def make_accountant(name: str):
     raise ConfigError("privacy.accountant", f"{name!r} is not one of: {', '.join(ACCOUNTANTS)}")
 
 
+def opacus_analysis(accountant: str) -> str:
+    """What privacy.json names as the analysis behind ``privacy.accountant`` for Poisson sampling."""
+    from importlib.metadata import version
+
+    ref = {"rdp": "RDPAccountant: RDP of the Poisson-subsampled Gaussian mechanism (Mironov, Talwar, Zhang, "
+                  "'Renyi Differential Privacy of the Sampled Gaussian Mechanism', 2019), converted to (epsilon, "
+                  "delta) as Balle et al. 2020",
+           "prv": "PRVAccountant: privacy random variables of the Poisson-subsampled Gaussian mechanism (Gopi, "
+                  "Lee, Wutschitz, 'Numerical Composition of Differential Privacy', NeurIPS 2021)"}[accountant]
+    return f"Opacus {version('opacus')} {ref}; add/remove adjacency"
+
+
 def merge_history(history: Iterable[Sequence]) -> list[Entry]:
     """Consecutive entries with the same noise and sampling rate joined (as ``Accountant.step`` does).
 

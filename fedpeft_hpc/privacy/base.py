@@ -4,7 +4,8 @@ The engine calls, per run: ``use_noise`` and ``wrap_model`` once (and reads ``se
 and ``applies_every_round``); per client: ``wrap_optimizer`` (or, when clients are trained
 batched, ``client_noise``), ``batch_generator`` and ``client_batches``, then (after local
 training) ``client_update``; per round, on every rank, after the one all-reduce: ``finalize``
-and ``account``; on a resume that re-runs rounds, ``charge_again``; and ``epsilon``/``report``
+and ``account``; for released rows its accountant does not hold yet (a resume re-running rounds, an
+earlier attempt set aside), ``charge_again`` (``charged_sources``: those already held); and ``epsilon``/``report``
 for the logs, ``state_dict``/``load_state_dict`` for checkpoints. A mechanism may shape only
 what these hooks hand it, so everything a guarantee rests on is visible here. (Modelled on pfl-research's
 postprocessors: ``postprocess_one_user`` ~ ``client_update``, ``postprocess_server`` ~ ``finalize``.)
@@ -75,10 +76,18 @@ class PrivacyMechanism(ABC):
     def account(self, round_idx: int, returning: Sequence[int]) -> None:
         """Record the privacy cost of round ``round_idx`` in which ``returning`` clients trained."""
 
+    #: every charge beyond the run's own rounds: ``{"source": the released rows, "rounds": [...]}``
+    charges: list[dict]
+
     @abstractmethod
-    def charge_again(self, rounds: Sequence[int], returning_of) -> None:
-        """Account ``rounds`` once more: a resume runs them again with noise that cannot be redrawn,
-        after their first outputs were released (``returning_of(round)``: the clients that trained)."""
+    def charge_again(self, rounds: Sequence[int], returning_of, source: str) -> None:
+        """Account ``rounds`` once more: their outputs were released before (``source`` names where: rows a
+        resume runs again with noise that cannot be redrawn, or an earlier attempt's rows);
+        ``returning_of(round)``: the clients that trained."""
+
+    @abstractmethod
+    def charged_sources(self) -> set[str]:
+        """The ``source`` of every charge the accountant holds (restored from checkpoints)."""
 
     @abstractmethod
     def epsilon(self) -> float | None:
@@ -137,6 +146,7 @@ class NoPrivacy(PlainLocalTraining, SampleWeightedMean, PrivacyMechanism):
     """FedAvg without DP: shuffled batches, clients weighted by their exact sample counts."""
 
     mode = "none"
+    charges: list[dict] = []
 
     def use_noise(self, key: NoiseKey) -> None:
         pass
@@ -144,8 +154,11 @@ class NoPrivacy(PlainLocalTraining, SampleWeightedMean, PrivacyMechanism):
     def account(self, round_idx: int, returning: Sequence[int]) -> None:
         pass
 
-    def charge_again(self, rounds: Sequence[int], returning_of) -> None:
+    def charge_again(self, rounds: Sequence[int], returning_of, source: str = "") -> None:
         pass  # nothing private is released: nothing to charge
+
+    def charged_sources(self) -> set[str]:
+        return set()
 
     def epsilon(self) -> float | None:
         return None

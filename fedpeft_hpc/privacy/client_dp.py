@@ -21,11 +21,11 @@ Accounting, by ``fed.sampling`` (``federated.sampling.cohort_sampling``):
   q = m / num_clients. Neighbouring datasets differ by one client's presence (add/remove), the
   sum's sensitivity is C, and each round is exactly one step of the Poisson-subsampled Gaussian
   mechanism with noise multiplier sigma that Opacus' accountant analyses.
-* ``fixed``: cohorts of exactly m without replacement. The natural neighbouring relation is
-  then replace-one, under which one client can move the sum by up to 2C; the accountant is
-  given noise multiplier sigma / 2 (noise relative to that sensitivity) at rate q = m / N.
-  Opacus has no analysis of sampling without replacement, so this applies the Poisson
-  analysis to it (an approximation, stated in ``report()``); use ``poisson`` for an exact one.
+* ``fixed``: cohorts of exactly m without replacement. The neighbouring relation is then
+  replace-one (N public), under which one client can move the sum by up to 2C. Accounted (and
+  calibrated) with Google's ``dp-accounting``: its RDP accountant's analysis of sampling without
+  replacement under replace-one (``privacy.wor_accounting``; Wang, Balle, Kasiviswanathan 2019),
+  a proven bound. ``privacy.accountant=prv`` (Opacus, Poisson only) is refused for it.
 
 Every round counts as a step, whoever was sampled. Every round is applied: the engine adds
 the noised sum divided by m to the state whether many, few or no updates arrived (noise alone
@@ -44,9 +44,10 @@ from typing import Sequence
 import torch
 
 from fedpeft_hpc.config.schema import FedConfig, PrivacyConfig
-from fedpeft_hpc.privacy.accounting import merge_history
+from fedpeft_hpc.privacy import wor_accounting
+from fedpeft_hpc.privacy.accounting import merge_history, opacus_analysis
 from fedpeft_hpc.privacy.base import PlainLocalTraining
-from fedpeft_hpc.privacy.mechanism import DPMechanism
+from fedpeft_hpc.privacy.mechanism import TRUST_MODEL, DPMechanism
 from fedpeft_hpc.privacy.noise import gaussian
 from fedpeft_hpc.utils.streams import CENTRAL_NOISE
 
@@ -57,9 +58,14 @@ SAMPLING_NOTES = {
                 "clients_per_round / num_clients; add/remove adjacency, sensitivity C; accounted exactly as the "
                 "Poisson-subsampled Gaussian mechanism with noise multiplier sigma"),
     "fixed": ("fixed-size cohorts of clients_per_round without replacement; replace-one adjacency, sensitivity 2C: "
-              "accounted with noise multiplier sigma / 2 at q = clients_per_round / num_clients using the "
-              "Poisson-subsampling analysis (Opacus has none for sampling without replacement: an approximation; "
-              "fed.sampling=poisson gives an exact analysis)"),
+              "accounted with noise multiplier sigma / 2 by dp-accounting's RDP analysis of sampling without "
+              "replacement (a proven bound; see analysis)"),
+}
+
+ADJACENCY = {
+    "poisson": "client level, add/remove: the two datasets differ by all the records of one client (its presence "
+               "or absence); num_clients is not protected beyond that",
+    "fixed": "client level, replace-one: the two datasets differ in the data of one client (num_clients public)",
 }
 
 
@@ -93,11 +99,16 @@ class ClientDP(PlainLocalTraining, DPMechanism):
         else:
             what = (f"client-level DP ({self.cohort_size} of {self.num_clients} clients per round, "
                     f"{self.rounds_planned} rounds, {sampling} cohorts)")
-            accounted = self.calibrate(self.sample_rate, self.rounds_planned, what)
+            if sampling == "fixed":  # without replacement: dp-accounting, whatever privacy.accountant says
+                accounted = wor_accounting.wor_noise_for(self.target_epsilon, self.delta, self.num_clients,
+                                                         self.cohort_size, self.rounds_planned, what)
+            else:
+                accounted = self.calibrate(self.sample_rate, self.rounds_planned, what)
             self.noise_multiplier = accounted * self.sensitivity
             log.info("client-level DP: target epsilon %g (delta %g, %s, %s cohorts): noise multiplier %.4f",
                      self.target_epsilon, self.delta, self.accountant, sampling, self.noise_multiplier)
         self.history: list[tuple[float, float, int]] = []
+        self.check_delta(self.num_clients, "clients")
 
     @property
     def accounted_noise_multiplier(self) -> float:
@@ -123,7 +134,18 @@ class ClientDP(PlainLocalTraining, DPMechanism):
         self.history = merge_history([*self.history, (self.accounted_noise_multiplier, self.sample_rate, 1)])
 
     def epsilon(self) -> float | None:
+        if self.sampling == "fixed":
+            return wor_accounting.wor_epsilon(self.history, self.num_clients, self.cohort_size, self.delta)
         return self.epsilon_of(self.history)
+
+    def adjacency(self) -> str:
+        return ADJACENCY[self.sampling]
+
+    def analysis(self) -> str:
+        return wor_accounting.analysis() if self.sampling == "fixed" else opacus_analysis(self.accountant)
+
+    def trust_model(self) -> str:
+        return TRUST_MODEL.format(what="clipped to max_grad_norm")
 
     def report(self) -> dict:
         return {**self.report_header(), "noise_multiplier": self.noise_multiplier,
@@ -138,8 +160,8 @@ class ClientDP(PlainLocalTraining, DPMechanism):
                 "sampling": SAMPLING_NOTES[self.sampling]}
 
     def state_dict(self) -> dict:
-        return {"history": [list(e) for e in self.history], "rounds_charged_again": list(self.rounds_charged_again)}
+        return {"history": [list(e) for e in self.history], **self.charge_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = merge_history((state or {}).get("history", []))
-        self.rounds_charged_again = [int(r) for r in (state or {}).get("rounds_charged_again", [])]
+        self.load_charge_state(state)

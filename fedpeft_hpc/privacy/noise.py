@@ -4,8 +4,12 @@ With ``privacy.seeded_noise=false`` (the default) every noise generator is keyed
 secret drawn from the operating system (``secrets``) on rank 0 when the run starts and handed
 to the other ranks in memory (one all-reduce); it is never written anywhere. All ranks thus
 apply the same noise, but nobody holding the run directory (config, seed, checkpoints) can
-regenerate it and subtract it. Each generator gets a 63-bit seed from BLAKE2b(secret, tag,
-round, client), so the streams of two clients or two rounds are unrelated. Noise is further
+regenerate it and subtract it. Each stream's state comes from BLAKE2b keyed by the secret over
+(tag, round, client), so the streams of two clients or two rounds are unrelated: NumPy streams
+(cohorts and dropout under client-level DP) are seeded with the full 256-bit digest (NumPy's
+``SeedSequence`` keeps all of it), torch generators (DP noise, DP-SGD batch membership) with a
+64-bit digest, the most ``torch.Generator.manual_seed`` takes; a torch stream is thus as strong
+as a 64-bit key (Mersenne Twister state seeded from it), the secret itself stays 256 bits. Noise is further
 drawn the way Opacus' ``secure_mode`` draws it (sum of four Gaussians over two, after a discarded
 draw), which defeats floating-point attacks on the Gaussian sampler (Holohan & Braghin 2021).
 Runs are then not repeatable by design; a resumed run draws a new secret.
@@ -58,17 +62,18 @@ class NoiseKey:
         """True when the noise cannot be regenerated from anything written to disk."""
         return self._secret is not None
 
-    def _secret_seed(self, tag: int, *keys: int) -> int:
+    def _secret_seed(self, tag: int, *keys: int, bits: int = 256) -> int:
+        """A ``bits``-bit digest of (tag, *keys) keyed by the secret (BLAKE2b's digest size sets it)."""
         msg = b"/".join(str(int(k)).encode() for k in (tag, *keys))
-        digest = hashlib.blake2b(msg, key=self._secret, digest_size=8).digest()
-        return int.from_bytes(digest, "little") & (2**63 - 1)
+        digest = hashlib.blake2b(msg, key=self._secret, digest_size=bits // 8).digest()
+        return int.from_bytes(digest, "little")
 
     def generator(self, tag: int, *keys: int, device=None) -> torch.Generator:
         """A torch generator for (tag, *keys); with a seed, exactly ``utils.streams.torch_generator``."""
         if self._seed is not None:
             return torch_generator(self._seed, tag, *keys, device=device)
         g = torch.Generator(device=device if device is not None else "cpu")
-        g.manual_seed(self._secret_seed(tag, *keys))
+        g.manual_seed(self._secret_seed(tag, *keys, bits=64))  # manual_seed takes at most 64 bits
         return g
 
     def rng(self, tag: int, *keys: int) -> np.random.Generator:
@@ -76,7 +81,7 @@ class NoiseKey:
         runs draw what they always drew)."""
         if self._seed is not None:
             return rng(self._seed, tag, *keys)
-        return np.random.default_rng(self._secret_seed(tag, *keys))
+        return np.random.default_rng(self._secret_seed(tag, *keys, bits=256))  # SeedSequence keeps all 256 bits
 
 
 def fresh_secret() -> bytes:

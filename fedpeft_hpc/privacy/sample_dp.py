@@ -48,7 +48,7 @@ from fedpeft_hpc.config.schema import DataConfig, FedConfig, PrivacyConfig
 from fedpeft_hpc.data.loader import batches_from_index_lists
 from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.peft.prompt import PromptTokens
-from fedpeft_hpc.privacy.accounting import merge_history
+from fedpeft_hpc.privacy.accounting import merge_history, opacus_analysis
 from fedpeft_hpc.privacy.base import SampleWeightedMean
 from fedpeft_hpc.privacy.dpsgd import ClientNoise
 from fedpeft_hpc.privacy.mechanism import DPMechanism
@@ -169,11 +169,16 @@ class SampleDP(SampleWeightedMean, DPMechanism):
         self.steps_per_epoch = [math.ceil(n / self.batch_size) for n in self.sizes]
         self.sample_rates = [1.0 / s for s in self.steps_per_epoch]
         self.steps_per_round = [self.local_epochs * s for s in self.steps_per_epoch]
+        self.cohort_sampling = schedule.sampling
         self.noise: list[float | None] = self._calibrate_clients(schedule.participation(fed.rounds))
         self.histories: dict[int, list[tuple[float, float, int]]] = {}
         self.rounds: dict[int, int] = {}
         self.functorch_modules: list[str] = []
         self._wrapped: nn.Module | None = None
+        # one record of the union of the clients' data is what is protected (each record lives on one client,
+        # whose accountant bounds it): the strictest n, stricter than the smallest client's count
+        self.check_delta(sum(self.sizes), f"training records of all clients (the smallest client holds "
+                                          f"{min(self.sizes, default=0)})")
 
     # -- noise ---------------------------------------------------------------------------
     def _calibrate_clients(self, participation: np.ndarray) -> list[float | None]:
@@ -295,6 +300,21 @@ class SampleDP(SampleWeightedMean, DPMechanism):
     def epsilon(self) -> float | None:
         return max((self.client_epsilon(k) for k in self.histories), default=0.0)
 
+    def adjacency(self) -> str:
+        return ("record level, add/remove: the two datasets differ by one training record of one client; the "
+                "clients' sizes are treated as public (they set the FedAvg weights, each client's sampling rate "
+                "1/ceil(n/batch_size) and its noise calibration), and so is the cohort (drawn from the seed)")
+
+    def analysis(self) -> str:
+        return (opacus_analysis(self.accountant) + "; one history per client (Poisson batches at rate "
+                "1/ceil(n/batch_size), local_epochs*ceil(n/batch_size) steps per round trained), epsilon of the "
+                "run = the largest client's")
+
+    def trust_model(self) -> str:
+        return ("DP-SGD on each client: per-sample clipping and Gaussian noise are applied before an update leaves "
+                "the client, so the server sees noised updates (and which clients sent them, a public function of "
+                "the seed); the clients' own computation is trusted; no secure aggregation.")
+
     def report(self) -> dict:
         clients = {}
         for k in range(len(self.sizes)):
@@ -306,15 +326,16 @@ class SampleDP(SampleWeightedMean, DPMechanism):
                 "epsilon": self.client_epsilon(k), "history": [list(e) for e in hist]}
         return {**self.report_header(), "batch_size": self.batch_size, "local_epochs": self.local_epochs,
                 "sampling": "Poisson per client: sample_rate = 1/ceil(n/batch_size), ceil(n/batch_size) steps "
-                            "per local epoch; epsilon of the run = max over clients",
+                            "per local epoch; epsilon of the run = max over clients; cohorts: "
+                            f"{self.cohort_sampling} (public, from the seed; no credit taken for them)",
+                "cohort_sampling": self.cohort_sampling,
                 "functorch_modules": list(self.functorch_modules), "clients": clients}
 
     def state_dict(self) -> dict:
         return {"histories": {str(k): [list(e) for e in h] for k, h in self.histories.items()},
-                "rounds": {str(k): r for k, r in self.rounds.items()},
-                "rounds_charged_again": list(self.rounds_charged_again)}
+                "rounds": {str(k): r for k, r in self.rounds.items()}, **self.charge_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.histories = {int(k): merge_history(h) for k, h in (state or {}).get("histories", {}).items()}
         self.rounds = {int(k): int(r) for k, r in (state or {}).get("rounds", {}).items()}
-        self.rounds_charged_again = [int(r) for r in (state or {}).get("rounds_charged_again", [])]
+        self.load_charge_state(state)

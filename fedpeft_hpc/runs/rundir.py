@@ -8,6 +8,10 @@ point are re-run, so they leave ``metrics.jsonl`` for ``metrics.superseded.jsonl
 marked with the round the resume started after): without DP, or with seeded noise, the re-run
 computes them identically; with secret DP noise it does not, and the outputs of both runs of
 those rounds were released, so the engine charges them to the accountant (``rerun_rounds``).
+Earlier attempts that a sweep set aside in ``failed-N/`` (a failed run without a checkpoint,
+started afresh) released rows too; ``earlier_attempts`` lists them so that a DP run charges them
+as well, and a DP run refuses to start beside an attempt whose config differs (its rows were
+computed otherwise, and this run's accountant could not charge them truthfully).
 """
 
 from __future__ import annotations
@@ -64,7 +68,30 @@ class RunDir:
                                              "against; choose a new run.dir (nothing was overwritten)")
         if has_run:
             self._check_same_run(cfg)
+        if cfg.privacy.mode != "none":
+            self._check_earlier_attempts(cfg)
         return has_run
+
+    def earlier_attempts(self) -> list[tuple[str, list[int]]]:
+        """``(name, rounds)`` of every attempt set aside in ``failed-N/`` (N ascending): the rounds of the rows
+        it had released (its ``metrics.jsonl``). Reads only."""
+        found = []
+        for d in self.path.glob("failed-*"):
+            suffix = d.name[len("failed-"):]
+            if d.is_dir() and suffix.isdigit():
+                found.append((int(suffix), d))
+        return [(d.name, [int(r["round"]) for r in read_jsonl(d / "metrics.jsonl") if "round" in r])
+                for _, d in sorted(found)]
+
+    def _check_earlier_attempts(self, cfg: Config) -> None:
+        for name, _ in self.earlier_attempts():
+            diff = self.config_differences(cfg, self.path / name / "config.yaml")
+            if diff:
+                shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diff[:6])
+                raise ConfigError("run.dir", f"{self.path / name} holds an earlier attempt of this DP run with a "
+                                             f"different config ({shown}); its released rows cannot be charged "
+                                             "to this run's accountant. Use the same config, or a new run.dir "
+                                             "(nothing was overwritten)")
 
     def rerun_rounds(self, after_round: int) -> list[int]:
         """Rounds whose outputs were released but that a resume after ``after_round`` runs again:
@@ -103,17 +130,18 @@ class RunDir:
         kept = [r for r in rows if r.get("round", 0) <= after]
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
-    def config_differences(self, cfg: Config) -> list[tuple[str, object, object]]:
-        """``(key, saved, new)`` for every key where ``cfg`` differs from the saved ``config.yaml``,
-        ignoring the keys a resume may change (``run.*``, ``comm.*``, paths). Empty without a saved config."""
+    def config_differences(self, cfg: Config, saved: Path | None = None) -> list[tuple[str, object, object]]:
+        """``(key, saved, new)`` for every key where ``cfg`` differs from the saved ``config.yaml`` (or
+        ``saved``), ignoring the keys a resume may change (``run.*``, ``comm.*``, paths). Empty without one."""
         import yaml
 
-        if not self.config_path.is_file():
+        path = saved if saved is not None else self.config_path
+        if not path.is_file():
             return []
         try:
-            old = dotted(yaml.safe_load(self.config_path.read_text()) or {})
+            old = dotted(yaml.safe_load(path.read_text()) or {})
         except yaml.YAMLError:
-            raise UserError(f"{self.config_path} is not valid YAML; cannot check the resumed run") from None
+            raise UserError(f"{path} is not valid YAML; cannot check the resumed run") from None
         new = dotted(to_dict(cfg))
         return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
                 if not k.startswith(_RESUME_FREE) and old.get(k) != new.get(k)]
