@@ -192,3 +192,14 @@ def test_an_unknown_panel_key_exits_2_naming_the_swept_keys_and_writes_nothing(g
     assert not any((grid_dir / f).exists() for f in FILES)
     assert main(["report", str(grid_dir), "--panels", "partition"]) == 0
     assert all((grid_dir / f).exists() for f in FILES)
+
+
+def test_epsilon_is_the_largest_per_setting_and_seeded_noise_and_recharged_rounds_are_flagged(tmp_path):
+    for seed, eps in ((1, 3.0), (2, 5.0)):
+        make_run(tmp_path / "qs" / f"bias{seed}", seed=seed, accs=[0.5], rounds=1, epsilon=eps)
+    s = json.loads((tmp_path / "qs" / "bias2" / "summary.json").read_text())
+    (tmp_path / "qs" / "bias2" / "summary.json").write_text(json.dumps({**s, "seeded_noise": True,
+                                                                         "rounds_charged_again": [1]}))
+    _, md = write_report(tmp_path / "qs")
+    assert "| 5.000 (seeded noise in 1; rounds charged again in 1) |" in md
+    assert "4.000" not in md and "the largest over the setting's finished runs" in md

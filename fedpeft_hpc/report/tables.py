@@ -1,5 +1,9 @@
 """``results.csv`` (one row per run) and ``results.md`` (one row per setting, mean +- std over seeds).
 
+Epsilon is not averaged: a setting's column shows the largest epsilon among its finished runs (the
+guarantee that holds for each of them), flagged when a run's noise was derived from the seed or a
+run had rounds charged again (``privacy_flags``).
+
 Every run is a row of the CSV whatever its state; a setting's means use its finished runs only,
 its ``n`` column says how many of its runs that is, and the unfinished ones are listed under the
 table with their state and progress. Runs that a sweep directory holds from an earlier version of
@@ -36,8 +40,34 @@ def run_row(rec: RunRecord) -> dict:
             "final_acc": s.get("final_acc") if s else None, "best_acc": s.get("best_acc") if s else None,
             "trainable_params": s.get("trainable_params") if s else None,
             "mb_sent": bytes_total / 1e6 if bytes_total is not None else None,
-            "wall_s": sum(float(r.get("wall_s", 0.0)) for r in rec.metrics) if rec.metrics else None,
-            "epsilon": eps}
+            "wall_s": _wall_s(rec.metrics), "epsilon": eps, **_privacy_facts(s)}
+
+
+def _wall_s(rows: list[dict]) -> float | None:
+    """The rounds' wall time, summed; ``None`` when the rows hold none (a DP run with privacy.release=covered)."""
+    times = [float(r["wall_s"]) for r in rows if r.get("wall_s") is not None]
+    return sum(times) if times else None
+
+
+def _privacy_facts(summary: dict | None) -> dict:
+    """What a finished DP run's summary says about its noise and its re-charged rounds (for ``privacy_flags``)."""
+    s = summary or {}
+    return {"seeded_noise": s.get("seeded_noise"), "rounds_charged_again": len(s.get("rounds_charged_again") or [])}
+
+
+def largest_epsilon(values: list) -> str:
+    """The largest epsilon of a setting's runs (``inf`` if any run had no noise), 3 decimals; ``–`` if none."""
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(float(v))]
+    return "–" if not vals else ("inf" if any(math.isinf(v) for v in vals) else f"{max(vals):.3f}")
+
+
+def privacy_flags(runs: list[dict]) -> str:
+    """`` (seeded noise in 2 runs; rounds charged again in 1)``, or empty when nothing is to flag."""
+    seeded = sum(bool(r.get("seeded_noise")) for r in runs)
+    charged = sum(r.get("rounds_charged_again", 0) > 0 for r in runs)
+    parts = ([f"seeded noise in {seeded}"] if seeded else []) + ([f"rounds charged again in {charged}"] if charged
+                                                                  else [])
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def results_csv(coll: Collection) -> str:
@@ -95,7 +125,7 @@ def setting_rows(coll: Collection) -> list[dict]:
             "trainable_params": _mean([r["trainable_params"] for r in done], ",.0f"),
             "mb_sent": _mean([r["mb_sent"] for r in done], ",.2f"),
             "wall_s": _mean([r["wall_s"] for r in done], ".1f"),
-            "epsilon": _mean_std([r["epsilon"] for r in done], 3),
+            "epsilon": largest_epsilon([r["epsilon"] for r in done]) + privacy_flags(done),
             "has_epsilon": any(r["epsilon"] is not None for r in done),
         })
     return rows
@@ -126,6 +156,11 @@ def results_md(coll: Collection) -> str:
     lines += ["", "Mean ± sample standard deviation over the finished runs (seeds) of each setting; "
                   "n: finished runs / runs. MB sent: up + down, all clients, whole run. "
                   "wall s: the rounds' wall time, summed."]
+    if dp:
+        lines[-1] += (" epsilon: the largest over the setting's finished runs (not a mean: each run's guarantee "
+                      "is its own); seeded noise: the noise derives from the seed, so that epsilon holds only "
+                      "against whoever does not know the seed; rounds charged again: released rows were re-run "
+                      "or an earlier attempt was charged (privacy.json).")
     unfinished = [r for r in coll.runs if not r.finished]
     if unfinished:
         lines += ["", "Not finished (not in the means):", ""]
