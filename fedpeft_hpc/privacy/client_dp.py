@@ -44,11 +44,11 @@ from typing import Sequence
 import torch
 
 from fedpeft_hpc.config.schema import FedConfig, PrivacyConfig
-from fedpeft_hpc.privacy import wor_accounting
 from fedpeft_hpc.privacy.accounting import merge_history, opacus_analysis
 from fedpeft_hpc.privacy.base import PlainLocalTraining
 from fedpeft_hpc.privacy.mechanism import TRUST_MODEL, DPMechanism
 from fedpeft_hpc.privacy.noise import gaussian
+from fedpeft_hpc.privacy.wor_accounting import wor_analysis, wor_epsilon, wor_noise_for
 from fedpeft_hpc.utils.streams import CENTRAL_NOISE
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,8 @@ class ClientDP(PlainLocalTraining, DPMechanism):
             what = (f"client-level DP ({self.cohort_size} of {self.num_clients} clients per round, "
                     f"{self.rounds_planned} rounds, {sampling} cohorts)")
             if sampling == "fixed":  # without replacement: dp-accounting, whatever privacy.accountant says
-                accounted = wor_accounting.wor_noise_for(self.target_epsilon, self.delta, self.num_clients,
-                                                         self.cohort_size, self.rounds_planned, what)
+                accounted = wor_noise_for(self.target_epsilon, self.delta, self.num_clients, self.cohort_size,
+                                          self.rounds_planned, what)
             else:
                 accounted = self.calibrate(self.sample_rate, self.rounds_planned, what)
             self.noise_multiplier = accounted * self.sensitivity
@@ -135,14 +135,14 @@ class ClientDP(PlainLocalTraining, DPMechanism):
 
     def epsilon(self) -> float | None:
         if self.sampling == "fixed":
-            return wor_accounting.wor_epsilon(self.history, self.num_clients, self.cohort_size, self.delta)
+            return wor_epsilon(self.history, self.num_clients, self.cohort_size, self.delta)
         return self.epsilon_of(self.history)
 
     def adjacency(self) -> str:
         return ADJACENCY[self.sampling]
 
     def analysis(self) -> str:
-        return wor_accounting.analysis() if self.sampling == "fixed" else opacus_analysis(self.accountant)
+        return wor_analysis() if self.sampling == "fixed" else opacus_analysis(self.accountant)
 
     def trust_model(self) -> str:
         return TRUST_MODEL.format(what="clipped to max_grad_norm")

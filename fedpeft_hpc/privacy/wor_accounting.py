@@ -43,7 +43,7 @@ def library_version() -> str:
         return "?"
 
 
-def analysis() -> str:
+def wor_analysis() -> str:
     return WOR_ANALYSIS.format(version=library_version())
 
 

@@ -10,6 +10,7 @@ its legend entry). ``panels`` (swept keys) draws one sub-plot per combination of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +30,14 @@ class Curve:
 
 
 def _points(rec: RunRecord) -> dict[int, tuple[float, float]]:
-    """round -> (test accuracy, cumulative MB up + down) for the rounds that evaluated."""
+    """round -> (test accuracy, cumulative MB up + down) for the rounds that evaluated (MB NaN where the row
+    holds no byte counts: a DP run with privacy.release=covered whose cohort size is secret)."""
     out = {}
     for row in rec.metrics:
         acc = row.get("test_acc")
         if isinstance(acc, (int, float)):
-            mb = (row.get("bytes_up_total", 0) + row.get("bytes_down_total", 0)) / 1e6
+            sent = [row.get("bytes_up_total"), row.get("bytes_down_total")]
+            mb = sum(sent) / 1e6 if None not in sent else math.nan
             out[int(row["round"])] = (float(acc), float(mb))
     return out
 
@@ -134,7 +137,9 @@ def plot_accuracy_vs_bytes(coll: Collection, path: Path, panels: list[str] | Non
             ax.set_xscale("log")
             plain = FuncFormatter(lambda x, _: f"{x:g}")  # 0.2, 3, 40 MB rather than 2x10^-1
             ax.xaxis.set_major_formatter(plain)
-            lo, hi = min(c.mb_mean.min() for c in cs), max(c.mb_mean.max() for c in cs)
+            mbs = np.concatenate([c.mb_mean for c in cs])
+            mbs = mbs[np.isfinite(mbs)]
+            lo, hi = (mbs.min(), mbs.max()) if mbs.size else (1.0, 1.0)
             ax.xaxis.set_minor_formatter(plain if hi < 10 * lo else NullFormatter())
         _finish(ax, len(cs), subtitle if len(groups) > 1 else None)
     return _save(fig, path)
