@@ -239,3 +239,12 @@ def test_secret_streams_use_the_full_entropy_the_generators_take():
     assert len(set(seeds)) == 64 and any(s >= 2**63 for s in seeds)
     a, b = key.generator(14, 1), key.generator(14, 1)
     assert torch.equal(torch.rand(5, generator=a), torch.rand(5, generator=b))
+
+
+def test_the_quickstart_table_shows_withheld_bytes_and_no_wall_time():
+    from fedpeft_hpc.quickstart import results_table
+
+    row = {"method": "bias", "final_acc": 0.5, "best_acc": 0.6, "trainable_params": 3082, "bytes_total": None,
+           "wall_s": None, "epsilon": 4.9, "delta": 1e-5}
+    line = results_table([row]).splitlines()[-1]
+    assert "withheld" in line and "4.900" in line and line.count("|") == 9
