@@ -14,6 +14,7 @@ import torch
 from fedpeft_hpc.config import load_config
 from fedpeft_hpc.utils.files import read_jsonl
 from tests.conftest import QUICKSTART, run_cli, tiny_overrides
+from tests.test_privacy import wor_epsilon_fresh
 
 UNCOVERED = {"train_loss", "train_acc", "train_s", "aggregate_s", "wall_s", "elapsed_s", "allreduce_ms", "clients",
              "rejected", "dropped", "sampled", "bytes_up", "bytes_down", "bytes_up_total", "bytes_down_total",
@@ -163,15 +164,6 @@ def _poisson_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
     return eps
 
 
-def _wor_epsilon(sigma_over_sensitivity: float, n: int, m: int, steps: int, delta: float) -> float:
-    import dp_accounting as dpa
-    from dp_accounting.rdp import RdpAccountant
-
-    acc = RdpAccountant(neighboring_relation=dpa.NeighboringRelation.REPLACE_ONE)
-    acc.compose(dpa.SampledWithoutReplacementDpEvent(n, m, dpa.GaussianDpEvent(sigma_over_sensitivity)), steps)
-    return acc.get_epsilon(delta)
-
-
 @pytest.mark.parametrize("mode,sampling", [("client", "poisson"), ("client", "fixed"), ("sample", "fixed")])
 def test_privacy_json_states_its_assumptions_and_an_outside_accountant_agrees(tmp_path, mode, sampling):
     d = tmp_path / "r"
@@ -190,7 +182,7 @@ def test_privacy_json_states_its_assumptions_and_an_outside_accountant_agrees(tm
             outside = _poisson_epsilon(rep["noise_multiplier"], m / n, steps, rep["delta"])
         else:
             assert "SampledWithoutReplacementDpEvent" in rep["analysis"] and "REPLACE_ONE" in rep["analysis"]
-            outside = _wor_epsilon(rep["noise_multiplier"] / 2, n, m, steps, rep["delta"])
+            outside = wor_epsilon_fresh(rep["noise_multiplier"] / 2, n, m, steps, rep["delta"])
     else:
         assert "record level" in rep["adjacency"] and "sizes are treated as public" in rep["adjacency"]
         assert rep["cohort_sampling"] == "fixed"
