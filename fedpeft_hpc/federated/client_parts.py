@@ -22,7 +22,7 @@ from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.peft import FlatLayout
 from fedpeft_hpc.peft.lora import set_active_rank
 from fedpeft_hpc.peft.parts import StateParts, select, state_parts
-from fedpeft_hpc.peft.ranks import rank_bytes, rank_mask
+from fedpeft_hpc.peft.ranks import rank_bytes, rank_mask, truncate_
 from fedpeft_hpc.runs.client_state import ClientStateStore, remove_store
 
 STORE_DIR = "client_state"
@@ -120,12 +120,7 @@ class ClientParts:
         rank = self.rank_of(client)
         set_active_rank(self.model, rank)
         if rank is not None:
-            with torch.no_grad():
-                flat_mask = self.mask(rank)
-                offset = 0
-                for p in self.sent.values():
-                    p.mul_(flat_mask[offset: offset + p.numel()].reshape(p.shape).to(p.dtype))
-                    offset += p.numel()
+            truncate_(self.sent, rank)
 
     def _load_local(self, client: int) -> None:
         if self.store is not None:

@@ -37,6 +37,15 @@ def rank_mask(tensors: Mapping[str, torch.Tensor], rank: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+@torch.no_grad()
+def truncate_(tensors: Mapping[str, torch.Tensor], rank: int) -> None:
+    """Zero, in place, the entries of ``tensors`` that a rank-``rank`` client does not hold."""
+    for name, t in tensors.items():
+        m = truncation_mask(name, tuple(t.shape), rank)
+        if m is not None:
+            t.mul_(m.to(device=t.device, dtype=t.dtype))
+
+
 def rank_bytes(tensors: Mapping[str, torch.Tensor], rank: int) -> int:
     """Bytes of one transfer of ``tensors`` truncated to ``rank``, in their own dtypes."""
     return sum(int(np.prod(truncated_shape(n, tuple(t.shape), rank))) * t.element_size()

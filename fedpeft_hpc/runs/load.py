@@ -20,7 +20,7 @@ from fedpeft_hpc.errors import UserError
 from fedpeft_hpc.models import BuiltModel, build_model
 from fedpeft_hpc.peft.lora import set_active_rank
 from fedpeft_hpc.peft.parts import state_parts
-from fedpeft_hpc.peft.ranks import assign_ranks, rank_mask
+from fedpeft_hpc.peft.ranks import assign_ranks, truncate_
 from fedpeft_hpc.peft.state import load_peft_state, peft_params
 from fedpeft_hpc.runs.checkpoint import load_checkpoint
 from fedpeft_hpc.runs.client_state import ClientStateStore
@@ -88,13 +88,7 @@ class LoadedRun:
         if cfg.peft.lora_ranks:
             rank = int(assign_ranks(cfg.peft.lora_ranks, cfg.fed.num_clients, cfg.seed)[client])
             set_active_rank(model, rank)
-            sent = {n: params[n] for n in parts.sent}
-            mask = rank_mask(sent, rank)
-            offset = 0
-            with torch.no_grad():
-                for p in sent.values():
-                    p.mul_(mask[offset: offset + p.numel()].reshape(p.shape).to(p.dtype))
-                    offset += p.numel()
+            truncate_({n: params[n] for n in parts.sent}, rank)
         return model.eval()
 
     def client_test_dataset(self, client: int):
