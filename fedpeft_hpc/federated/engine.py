@@ -379,6 +379,10 @@ class FederatedTrainer:
                      int(np.median(stats["sizes"])), max(stats["sizes"]), cfg.peft.method,
                      f"{fed.counts['trainable_params']:,}", f"{fed.counts['total_params']:,}",
                      fed.counts["bytes_per_transfer"] / 1e6)
+            if self.client_parts.active:
+                log.info("split state (%s): %s params sent, %s kept by each client, %s frozen", self.client_parts.why(),
+                         f"{fed.counts['sent_params']:,}", f"{fed.counts['local_params']:,}",
+                         f"{fed.counts['frozen_params']:,}")
         sinks = self._sinks()
         bar = _progress(cfg, self.comm.is_main, self.start_round)
         t_start = time.perf_counter()
