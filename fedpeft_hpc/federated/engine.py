@@ -448,6 +448,10 @@ class FederatedTrainer:
                            "included (later sent updates depend on them, so leaving them unnoised would void the "
                            "guarantee of the sent ones); epsilon covers what a client sends, and its local parts "
                            "too; frozen parts are the seeded initialisation, trained by no one")}
+        if self.cfg.privacy.mode != "none" and self.fed.client_test_indices is not None:
+            report["personal_acc"] = ("personal_acc and its percentiles are measured on each client's held-out "
+                                      "samples (data.client_test_fraction, never trained on) without noise: "
+                                      "epsilon does not cover them")
         return report
 
     def _privacy_fields(self) -> dict:
