@@ -18,7 +18,6 @@ from fedpeft_hpc.config import load_config
 from fedpeft_hpc.federated.client import local_train, make_optimizer
 from fedpeft_hpc.federated.evaluate import accuracy, evaluate_indices
 from fedpeft_hpc.models import build_model
-from fedpeft_hpc.peft import load_vector
 from fedpeft_hpc.runs.checkpoint import load_checkpoint
 from fedpeft_hpc.runs.client_state import ClientStateStore
 from fedpeft_hpc.train import train
