@@ -220,7 +220,8 @@ def _add_run_commands(sub) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("inspect", help="count total/trainable parameters and bytes per transfer (no data, "
-                                       "no weights)")
+                                       "no weights); with peft.local / peft.frozen / peft.lora_ranks also the "
+                                       "sent, local and frozen parameters and the bytes per LoRA rank")
     _config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--all", action="store_true", help="also tabulate every registered PEFT method")

@@ -126,8 +126,9 @@ def check_value(key: str, value: Any, meta: dict) -> None:
     items = meta.get("item_choices")
     if items is not None and isinstance(value, list):
         bad = [v for v in value if v not in items]
-        if bad or not value:
-            raise ConfigError(key, f"{value!r}: a non-empty list of {', '.join(map(str, items))}")
+        if bad or (not value and not meta.get("allow_empty")):
+            what = "a list" if meta.get("allow_empty") else "a non-empty list"
+            raise ConfigError(key, f"{value!r}: {what} of {', '.join(map(str, items))}")
     if value is None or isinstance(value, (bool, str, list, dict)):
         return
     lo, hi = meta.get("min"), meta.get("max")
@@ -312,5 +313,28 @@ def validate(cfg: Config) -> None:
                           "prv analyses Poisson sampling only; fixed cohorts (fed.sampling=fixed) are sampled "
                           "without replacement and accounted with dp-accounting's RDP analysis: use "
                           "privacy.accountant=rdp, or fed.sampling=poisson with prv")
+    _validate_split_state(cfg)
     if cfg.model.pretrain_recipe is not None and not cfg.model.checkpoint:
         raise ConfigError("model.checkpoint", "model.pretrain_recipe needs a model.checkpoint path to build")
+
+
+def _validate_split_state(cfg: Config) -> None:
+    """``peft.local`` / ``peft.frozen`` disjoint, without repeats; ``peft.lora_ranks`` only for LoRA.
+    Whether the method has each part is checked where the method is built (``peft.parts``)."""
+    p = cfg.peft
+    for key, parts in (("peft.local", p.local), ("peft.frozen", p.frozen)):
+        if len(set(parts)) != len(parts):
+            raise ConfigError(key, f"{parts!r} names a part twice")
+    both = sorted(set(p.local) & set(p.frozen))
+    if both:
+        raise ConfigError("peft.frozen", f"{', '.join(both)} is also in peft.local; a part is either kept by each "
+                                         "client (local) or fixed at its initialisation (frozen), not both")
+    if p.lora_ranks:
+        if p.method != "lora":
+            raise ConfigError("peft.lora_ranks", f"heterogeneous ranks need peft.method=lora, not {p.method}; "
+                                                 "leave peft.lora_ranks empty")
+        if any(not isinstance(r, int) or isinstance(r, bool) or r < 1 for r in p.lora_ranks):
+            raise ConfigError("peft.lora_ranks", f"{p.lora_ranks!r}: a list of integers >= 1")
+        if len(p.lora_ranks) > cfg.fed.num_clients:
+            raise ConfigError("peft.lora_ranks", f"{len(p.lora_ranks)} rank tiers for fed.num_clients="
+                                                 f"{cfg.fed.num_clients}: at most one tier per client")

@@ -13,14 +13,19 @@ from typing import Any, Optional
 
 def opt(default: Any, help: str = "", choices: tuple | None = None, min: float | None = None,
         max: float | None = None, min_exclusive: bool = False, factory: Any = None,
-        item_choices: tuple | None = None, max_exclusive: bool = False) -> Any:
+        item_choices: tuple | None = None, max_exclusive: bool = False, allow_empty: bool = False) -> Any:
     """A dataclass field with the metadata that validation and ``fedpeft-hpc config keys`` read:
-    help text, allowed values (``choices``, or ``item_choices`` for each element of a list) and bounds."""
+    help text, allowed values (``choices``, or ``item_choices`` for each element of a list, which must be
+    non-empty unless ``allow_empty``) and bounds."""
     meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive,
-            "max_exclusive": max_exclusive, "item_choices": item_choices}
+            "max_exclusive": max_exclusive, "item_choices": item_choices, "allow_empty": allow_empty}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# names of the parts of a PEFT state (``peft.local``, ``peft.frozen``); which a method has: peft/parts.py
+PEFT_PARTS = ("head", "lora_a", "lora_b", "adapter", "prompt", "bias")
 
 
 @dataclass
@@ -68,6 +73,18 @@ class PeftConfig:
     lora_alpha: float = opt(16.0, "LoRA alpha (scale = alpha / rank)", min=0.0, min_exclusive=True)
     lora_targets: list = opt(None, "layers of every block that get LoRA", factory=lambda: ["qkv", "proj"],
                              item_choices=("qkv", "proj", "fc1", "fc2"))
+    local: list[str] = opt(None, "parts of the method's PEFT state each client trains and keeps for itself, never sent "
+                      "(FedSA-LoRA: [lora_b]; FedPer: [head]). Parts per method: head: head; bias: bias, head; "
+                      "adapter: adapter, head; prompt: prompt, head; lora: lora_a, lora_b, head; full: head",
+                      factory=list, item_choices=PEFT_PARTS, allow_empty=True)
+    frozen: list[str] = opt(None, "parts fixed at their seeded initialisation, trained and sent by no one "
+                       "(FFA-LoRA: [lora_a]); same part names as peft.local, a part may not be in both",
+                       factory=list, item_choices=PEFT_PARTS, allow_empty=True)
+    lora_ranks: list[int] = opt(None, "heterogeneous LoRA ranks (HetLoRA): clients are assigned to these rank tiers "
+                           "in equal shares, drawn from the seed (partition.json); the model holds the largest "
+                           "rank (scale lora_alpha / largest), a client trains and exchanges the first r rows of "
+                           "A and columns of B, and the server averages them zero-padded. Empty: every client "
+                           "has peft.lora_rank", factory=list)
 
 
 @dataclass
@@ -97,6 +114,10 @@ class DataConfig:
                                min=0.0, max=1.0, min_exclusive=True)
     synthetic_samples: int = opt(2048, "synthetic: training samples", min=1)
     synthetic_test_samples: int = opt(512, "synthetic: test samples", min=1)
+    client_test_fraction: float = opt(0.0, "share of each client's samples held out (drawn from the seed, saved "
+                                      "in partition.json) to measure personal_acc: each client's own model (global "
+                                      "state + its local parts + its LoRA rank) on its own held-out samples",
+                                      min=0.0, max=1.0, max_exclusive=True)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import numpy as np
 from fedpeft_hpc.config.schema import DataConfig
 from fedpeft_hpc.errors import ConfigError, DataError
 from fedpeft_hpc.utils.files import atomic_write_text
-from fedpeft_hpc.utils.streams import PARTITION_DIRICHLET, PARTITION_IID, rng
+from fedpeft_hpc.utils.streams import CLIENT_TEST, PARTITION_DIRICHLET, PARTITION_IID, rng
 
 MAX_DIRICHLET_TRIES = 1000
 
@@ -95,9 +95,26 @@ def _validate(parts: list[np.ndarray], n: int, num_clients: int, path: str | os.
                         f"to one client only")
 
 
-def save_partition(path: str | os.PathLike, parts: list[np.ndarray], meta: dict[str, Any]) -> None:
-    """Write ``{"num_clients", "meta", "clients"}`` JSON atomically."""
-    doc = {"num_clients": len(parts), "meta": meta, "clients": [[int(i) for i in p] for p in parts]}
+def hold_out(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split each client's indices into (training, held-out test): ``round(fraction * n)`` samples drawn
+    from ``(seed, CLIENT_TEST, client)``, at most ``n - 1`` (a client keeps one sample to train on)."""
+    train, test = [], []
+    for client, p in enumerate(parts):
+        n_test = min(len(p) - 1, int(round(fraction * len(p)))) if fraction > 0 else 0
+        chosen = np.zeros(len(p), dtype=bool)
+        if n_test > 0:
+            chosen[rng(seed, CLIENT_TEST, client).permutation(len(p))[:n_test]] = True
+        train.append(p[~chosen])
+        test.append(p[chosen])
+    return train, test
+
+
+def save_partition(path: str | os.PathLike, parts: list[np.ndarray], meta: dict[str, Any],
+                   extra: dict[str, Any] | None = None) -> None:
+    """Write ``{"num_clients", "meta", "clients", **extra}`` JSON atomically (``extra``: e.g. each client's
+    held-out samples, ``client_test``, and LoRA rank, ``lora_rank``)."""
+    doc = {"num_clients": len(parts), "meta": meta, "clients": [[int(i) for i in p] for p in parts],
+           **(extra or {})}
     atomic_write_text(Path(path), json.dumps(doc, default=_json_default))
 
 

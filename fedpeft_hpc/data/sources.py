@@ -7,7 +7,8 @@ and asynchronous) and hands out
 
 - ``client(generator)``: one client's training view, augmented per ``data.augment`` with the
   generator the engine draws for (seed, round, client);
-- ``test``: the deterministic evaluation view.
+- ``test``: the deterministic evaluation view; ``train_eval``: the same for training samples
+  (each client's held-out ones, ``personal_acc``).
 
 Both keep the interface the engine and the DP code consume: a dataset that
 ``loader.iterate_batches`` / ``batches_from_index_lists`` turn into an iterator of ``(x, y)``.
@@ -99,6 +100,7 @@ class BatchSources:
         self.train, budget = self._place(train, budget, name)
         test_placed, _ = self._place(test, budget, name)
         self.test = self._view(test_placed, "none", None)
+        self.train_eval = self._view(self.train, "none", None)  # clients' held-out samples (personal_acc)
 
     def _place(self, ds: Dataset, budget: int, name: str) -> tuple[Dataset, int]:
         if isinstance(ds, ImageStore):

@@ -31,10 +31,12 @@ from fedpeft_hpc.federated.agreement import (backbone_fingerprint, check_agreeme
 from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob
 from fedpeft_hpc.federated.client import local_train, make_optimizer
 from fedpeft_hpc.federated.client_batch import plan_client_batch
+from fedpeft_hpc.federated.client_parts import ClientParts
 from fedpeft_hpc.federated.evaluate import evaluate_shard
 from fedpeft_hpc.federated.federation import Federation, build_federation
 from fedpeft_hpc.federated.ledger import ByteLedger
 from fedpeft_hpc.federated.memory import synchronize
+from fedpeft_hpc.federated.personal import personal_counts, personal_metrics
 from fedpeft_hpc.federated.sampling import assign_to_ranks
 from fedpeft_hpc.federated.server_opt import build_server_optimizer
 from fedpeft_hpc.models.device_fixes import apply_device_fixes
@@ -62,6 +64,7 @@ class RoundResult:
     applied: bool
     bytes: dict  # the ledger's record of this round
     test: tuple[float, float] | None  # (accuracy, loss) in evaluation rounds
+    personal: dict  # personal_acc and its percentiles in evaluation rounds (data.client_test_fraction)
     privacy: dict  # epsilon spent so far (DP runs)
     collective: dict  # all-reduce record (several processes)
     train_s: float  # local training of this rank's clients (in-rank accumulation excluded)
@@ -77,6 +80,7 @@ class RoundResult:
         row["train_acc"] = self.stats.train_acc
         if self.test is not None:
             row["test_acc"], row["test_loss"] = self.test
+        row.update(self.personal)
         row.update(self.privacy)
         row.update(self.collective)
         row["train_s"], row["aggregate_s"] = self.train_s, self.aggregate_s
@@ -107,26 +111,41 @@ class FederatedTrainer:
                                     cfg.data.gpu_store_mb, name=f"data.name={cfg.data.name}")
         self.model = self.fed.built.model.to(comm.device)
         apply_device_fixes(self.model, comm.device)
-        self.params = peft_params(self.model)
-        self.layout = FlatLayout(self.params)
-        self.global_vec = self.layout.flatten(self.params, torch.float32)
+        self.params = peft_params(self.model)  # everything trained: the sent and the local parts
+        # the global state is the SENT tensors; local parts and LoRA ranks are per client (ClientParts)
+        self.client_parts = ClientParts(cfg, self.model, self.params, self.fed.lora_ranks, self.rundir.path,
+                                        comm.device)
+        self.layout = FlatLayout(self.client_parts.sent)
+        self.global_vec = self.layout.flatten(self.client_parts.sent, torch.float32)
         self.server_opt = build_server_optimizer(cfg.server, self.layout.size, comm.device)
         self.ledger = ByteLedger(self.fed.counts["bytes_per_transfer"], self.fed.built.full_bytes_per_transfer)
         self.start_round = 1
         self.best_acc: float | None = None
         self.last_acc: float | None = None
+        self.last_personal: dict = {}
         if resume is not None:
             self._restore(resume)
+        # rank 0 puts the client-state store back to the checkpoint's round (the agreement below waits for it)
+        self.client_parts.open_store(comm.is_main, resume.round if resume is not None else None)
         # every rank must start from the same place: checked before anything is written
         check_agreement(comm, {**self.fingerprints, "config": config_fingerprint(cfg),
                                "start_round": self.start_round, "rerun_rounds": len(self.rerun_rounds),
                                "global_state": state_fingerprint(self.global_vec),
                                "partition": partition_fingerprint(self.fed.client_indices)})
+        self.client_parts.attach_store()
         self.noise_key = self._noise_key()
         image = self.fed.built.image
-        self.client_batch = plan_client_batch(cfg, self.model, self.layout, comm.device,
-                                              (image.in_chans, image.img_size, image.img_size), comm.world_size,
-                                              dp=cfg.privacy.mode == "sample")
+        if self.client_parts.active:
+            # phase 1: the batched trainer does not load per-client parts or ranks yet
+            self.client_batch = 0
+            if cfg.fed.client_batch != "off":
+                log.info("fed.client_batch=%s: clients are trained one after another because of %s (the batched "
+                         "trainer does not handle per-client or frozen parts yet)", cfg.fed.client_batch,
+                         self.client_parts.why())
+        else:
+            self.client_batch = plan_client_batch(cfg, self.model, self.layout, comm.device,
+                                                  (image.in_chans, image.img_size, image.img_size),
+                                                  comm.world_size, dp=cfg.privacy.mode == "sample")
         # batched clients compute their own per-sample gradients: no Opacus hooks on the shared model
         self.train_model = (self.model if self.client_batch
                             else self.fed.privacy.wrap_model(self.model))  # may still refuse the model
@@ -141,9 +160,21 @@ class FederatedTrainer:
             self.fed.schedule.use_key(self.noise_key)
         self._charge_earlier_releases()
         if comm.is_main and not cfg.data.partition_file:
-            save_partition(self.rundir.path / "partition.json", self.fed.client_indices,
-                           {"seed": cfg.seed, "partition": cfg.data.partition, "alpha": cfg.data.alpha,
-                            "dataset": cfg.data.name})
+            self._save_partition()
+
+    def _save_partition(self) -> None:
+        """partition.json: every client's samples, and where set its held-out samples and its LoRA rank."""
+        cfg, fed = self.cfg, self.fed
+        parts, extra = fed.client_indices, {}
+        if fed.client_test_indices is not None:
+            parts = [np.sort(np.concatenate([a, b])) for a, b in zip(fed.client_indices, fed.client_test_indices)]
+            extra["client_test"] = [[int(i) for i in t] for t in fed.client_test_indices]
+            extra["client_test_fraction"] = cfg.data.client_test_fraction
+        if fed.lora_ranks is not None:
+            extra["lora_rank"] = [int(r) for r in fed.lora_ranks]
+        save_partition(self.rundir.path / "partition.json", parts,
+                       {"seed": cfg.seed, "partition": cfg.data.partition, "alpha": cfg.data.alpha,
+                        "dataset": cfg.data.name}, extra)
 
     def _noise_key(self) -> NoiseKey:
         """The seed (``privacy.seeded_noise``), or a secret from rank 0 that every rank holds in memory."""
@@ -185,6 +216,7 @@ class FederatedTrainer:
             round=round_idx, peft=dict(self.layout.unflatten(self.global_vec)),
             server=self.server_opt.state_dict(),
             state={"ledger": self.ledger.state_dict(), "best_acc": self.best_acc, "last_acc": self.last_acc,
+                   "last_personal": self.last_personal,
                    "server_steps": self.server_opt.steps, "privacy": self.fed.privacy.state_dict(),
                    "fingerprints": {k: f"{v:016x}" for k, v in self.fingerprints.items()}})
 
@@ -199,6 +231,7 @@ class FederatedTrainer:
         self.ledger.load_state_dict(ckpt.state["ledger"])
         self.best_acc = ckpt.state.get("best_acc")
         self.last_acc = ckpt.state.get("last_acc")
+        self.last_personal = ckpt.state.get("last_personal", {})
         self.fed.privacy.load_state_dict(ckpt.state.get("privacy", {}))
         self.start_round = ckpt.round + 1
 
@@ -251,22 +284,39 @@ class FederatedTrainer:
                                            device, cfg.model.precision)
             yield from trainer.train(self.global_vec, jobs)
             return
+        parts = self.client_parts
         for client in clients:
             opt = make_optimizer(self.params.values(), cfg.optim)
             opt = fed.privacy.wrap_optimizer(opt, client, round_idx, int(fed.sizes[client]))
-            yield client, local_train(self.train_model, self.params, self.layout, self.global_vec,
-                                      self._client_batches(round_idx, client), opt, device,
-                                      layers_seed=derived_seed(cfg.seed, CLIENT_LAYERS, round_idx, client),
-                                      precision=cfg.model.precision)
+            start = parts.start(client, self.global_vec)  # its local parts and rank loaded
+            res = local_train(self.train_model, self.params, self.layout, start,
+                              self._client_batches(round_idx, client), opt, device,
+                              layers_seed=derived_seed(cfg.seed, CLIENT_LAYERS, round_idx, client),
+                              precision=cfg.model.precision)
+            res.delta = parts.finish(client, res.delta, self.global_vec)  # its local parts stored
+            yield client, res
 
     def _evaluate(self) -> tuple[float, float]:
         comm = self.comm
+        self.client_parts.as_global()
         load_vector(self.params, self.layout, self.global_vec)
         sums = evaluate_shard(self.model, self.sources.test, self.cfg.data.eval_batch_size, comm.device,
                               comm.rank, comm.world_size, self.cfg.data.num_workers)  # fp32: what load_run gets
         comm.allreduce_sum_(sums, tag="eval")
         loss_sum, correct, count = sums.tolist()
         return correct / count, loss_sum / count
+
+    def _evaluate_personal(self) -> dict[str, float]:
+        """personal_acc (and percentiles across clients): each client's model on its held-out samples."""
+        if self.fed.client_test_indices is None:
+            return {}
+        comm = self.comm
+        counts = personal_counts(self.model, self.client_parts,
+                                 lambda: load_vector(self.params, self.layout, self.global_vec),
+                                 self.sources.train_eval, self.fed.client_test_indices, comm.rank, comm.world_size,
+                                 self.cfg.data.eval_batch_size, comm.device)
+        comm.allreduce_sum_(counts, tag="eval")
+        return personal_metrics(counts)
 
     def train_round(self, round_idx: int) -> RoundResult:
         cfg, comm, fed = self.cfg, self.comm, self.fed
@@ -277,10 +327,12 @@ class FederatedTrainer:
         # 2. this rank trains its share of the returning clients and sums their weighted updates
         share = assign_to_ranks(returning, fed.sizes, comm.world_size)[comm.rank]
         buf = self._train_clients(round_idx, share)
+        self.client_parts.end_round(round_idx, comm.rank)  # this rank's clients' local parts, journaled
         t_trained = _synced(comm.device)
         # 3. ONE all-reduce aggregates updates, weights and metric sums of every rank
         calls_before = comm.call_count("aggregate")
         comm.allreduce_sum_(buf.values, tag="aggregate")
+        self.client_parts.after_aggregate(round_idx)  # every rank's journal of this round now exists
         update_sum, stats = buf.split()
         # 4. the server rule (and DP noise), identically on every rank
         # client-level DP always releases the noised, divided sum (noise alone for an empty cohort), as
@@ -293,10 +345,12 @@ class FederatedTrainer:
         t_aggregated = _synced(comm.device)
         fed.privacy.account(round_idx, returning)
         # 5. bytes, evaluation, privacy spent
-        bytes_row = self.ledger.record(sampled=len(cohort), returned=stats.returned + stats.rejected)
-        test = None
+        bytes_row = self.ledger.record(sampled=len(cohort), returned=stats.returned + stats.rejected,
+                                       **self._client_bytes(cohort, returning))
+        test, personal = None, {}
         if round_idx % cfg.eval.every == 0 or round_idx == cfg.fed.rounds:
             test = self._evaluate()
+            personal = self.last_personal = self._evaluate_personal()
             self.last_acc = test[0]
             self.best_acc = test[0] if self.best_acc is None else max(self.best_acc, test[0])
         collective = {}
@@ -307,10 +361,19 @@ class FederatedTrainer:
                           "allreduce_calls": comm.call_count("aggregate") - calls_before,
                           "world_size": comm.world_size}
         return RoundResult(round=round_idx, sampled=len(cohort), returning=len(returning), stats=stats,
-                           applied=applied, bytes=bytes_row, test=test, privacy=self._privacy_fields(),
+                           applied=applied, bytes=bytes_row, test=test, personal=personal,
+                           privacy=self._privacy_fields(),
                            collective=collective, train_s=t_trained - t0 - self.accumulate_s,
                            aggregate_s=t_aggregated - t_trained + self.accumulate_s,
                            wall_s=time.perf_counter() - t0)
+
+    def _client_bytes(self, cohort, returning) -> dict[str, int]:
+        """With heterogeneous ranks each client receives and sends its own tensors: their bytes summed."""
+        if self.fed.lora_ranks is None:
+            return {}
+        per = self.ledger.bytes_per_transfer
+        return {"down": sum(self.client_parts.client_bytes(c, per) for c in cohort),
+                "up": sum(self.client_parts.client_bytes(c, per) for c in returning)}
 
     # -- the loop ------------------------------------------------------------------------
     def _sinks(self) -> MetricsSinks:
@@ -323,6 +386,7 @@ class FederatedTrainer:
 
     def close(self) -> None:
         """Stop writing this process's log to the run directory. Safe to call twice."""
+        self.client_parts.close()
         if self._detach_log is not None:
             self._detach_log()
             self._detach_log = None
@@ -339,6 +403,10 @@ class FederatedTrainer:
                      int(np.median(stats["sizes"])), max(stats["sizes"]), cfg.peft.method,
                      f"{fed.counts['trainable_params']:,}", f"{fed.counts['total_params']:,}",
                      fed.counts["bytes_per_transfer"] / 1e6)
+            if self.client_parts.active:
+                log.info("split state (%s): %s params sent, %s kept by each client, %s frozen", self.client_parts.why(),
+                         f"{fed.counts['sent_params']:,}", f"{fed.counts['local_params']:,}",
+                         f"{fed.counts['frozen_params']:,}")
         sinks = self._sinks()
         bar = _progress(cfg, self.comm.is_main, self.start_round)
         t_start = time.perf_counter()
@@ -350,6 +418,9 @@ class FederatedTrainer:
                 sinks.write(row)
                 if r % cfg.run.checkpoint_every == 0 or r == cfg.fed.rounds:
                     self.rundir.save(self._checkpoint(r), cfg.run.keep_checkpoints)
+                    if self.client_parts.store is not None:
+                        self.comm.barrier(tag="client_state")  # the checkpoint exists before journals go
+                        self.client_parts.after_checkpoint(r, self.comm.rank)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_postfix(row, self.last_acc))
@@ -366,7 +437,7 @@ class FederatedTrainer:
     def _privacy_report(self, summary: dict) -> dict:
         """``privacy.json``: the mechanism's report, and under DP what the run directory releases (rank 0 reads
         back the fields metrics.jsonl holds)."""
-        report = self.fed.privacy.report()
+        report = self._state_parts_report(self.fed.privacy.report())
         if self.cfg.privacy.mode == "none" or not self.comm.is_main:
             return report
         fields = set().union(*(r.keys() for r in read_jsonl(self.rundir.metrics_path)))
@@ -393,12 +464,41 @@ class FederatedTrainer:
              "bytes_per_transfer": counts["bytes_per_transfer"],
              "bytes_up_total": self.ledger.bytes_up_total, "bytes_down_total": self.ledger.bytes_down_total,
              "bytes_total": self.ledger.bytes_total, "full_ft_bytes_total": self.ledger.full_ft_bytes_total,
-             "world_size": self.comm.world_size, "seed": self.cfg.seed}
+             "world_size": self.comm.world_size, "seed": self.cfg.seed,
+             "sent_params": counts["sent_params"], "local_params": counts["local_params"],
+             "frozen_params": counts["frozen_params"]}
+        if self.fed.client_test_indices is not None:
+            s.update(self.last_personal)
         s.update(self._privacy_fields())
         if self.cfg.privacy.mode != "none":
             s["seeded_noise"] = self.cfg.privacy.seeded_noise
             s["rounds_charged_again"] = list(self.fed.privacy.rounds_charged_again)
         return s
+
+    def _state_parts_report(self, report: dict) -> dict:
+        """With split states, what the mechanism's epsilon is about (added to ``report``)."""
+        parts = self.client_parts.parts
+        if self.cfg.privacy.mode != "none" and (parts.local or parts.frozen or self.fed.lora_ranks is not None):
+            mode = self.cfg.privacy.mode
+            report["state_parts"] = {
+                "sent": self.cfg.peft.method + " minus " + (", ".join(self.cfg.peft.local + self.cfg.peft.frozen)
+                                                            or "nothing"),
+                "local": list(self.cfg.peft.local), "frozen": list(self.cfg.peft.frozen),
+                "sent_params": self.fed.counts["sent_params"], "local_params": self.fed.counts["local_params"],
+                "frozen_params": self.fed.counts["frozen_params"],
+                "covers": ("the sent parts only: each client's update of them is clipped and the aggregate noised; "
+                           "local parts never leave their client (run.dir/client_state simulates the clients' own "
+                           "storage) and frozen parts are the seeded initialisation, trained by no one"
+                           if mode == "client" else
+                           "DP-SGD clips and noises the per-sample gradients of every trained tensor, the local parts "
+                           "included (later sent updates depend on them, so leaving them unnoised would void the "
+                           "guarantee of the sent ones); epsilon covers what a client sends, and its local parts "
+                           "too; frozen parts are the seeded initialisation, trained by no one")}
+        if self.cfg.privacy.mode != "none" and self.fed.client_test_indices is not None:
+            report["personal_acc"] = ("personal_acc and its percentiles are measured on each client's held-out "
+                                      "samples (data.client_test_fraction, never trained on) without noise: "
+                                      "epsilon does not cover them")
+        return report
 
     def _privacy_fields(self) -> dict:
         """``epsilon`` spent so far (largest over clients) at ``delta``; no noise means no bound:

@@ -27,10 +27,17 @@ def evaluate_shard(model: nn.Module, dataset, batch_size: int, device: torch.dev
     """``[loss_sum, correct, count]`` (fp64) over this rank's batches. The forward runs in fp32 whatever
     ``model.precision`` (which applies to client training only), so the accuracy a run reports is the one
     its fine-tuned model gets in fp32 (``load_run``)."""
+    return evaluate_indices(model, dataset, shard_indices(len(dataset), batch_size, rank, world_size), batch_size,
+                            device, num_workers)
+
+
+@torch.no_grad()
+def evaluate_indices(model: nn.Module, dataset, idx: np.ndarray, batch_size: int, device: torch.device,
+                     num_workers: int = 0) -> torch.Tensor:
+    """``[loss_sum, correct, count]`` (fp64) of ``model`` (in fp32) on the samples ``idx`` of ``dataset``."""
     was_training = model.training
     model.eval()
     out = torch.zeros(3, dtype=torch.float64, device=device)
-    idx = shard_indices(len(dataset), batch_size, rank, world_size)
     if len(idx):
         for x, y in iterate_batches(dataset, idx, batch_size, None, shuffle=False, num_workers=num_workers):
             x, y = x.to(device), y.to(device)

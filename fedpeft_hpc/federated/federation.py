@@ -12,10 +12,13 @@ import torch
 
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.data import DataBundle, build_datasets, make_partition
+from fedpeft_hpc.data.partition import hold_out
 from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.sampling import Schedule, cohort_sampling
 from fedpeft_hpc.models import BuiltModel, build_model
 from fedpeft_hpc.peft import count_params
+from fedpeft_hpc.peft.parts import split_counts
+from fedpeft_hpc.peft.ranks import assign_ranks
 from fedpeft_hpc.privacy import PrivacyMechanism, build_privacy
 
 
@@ -30,6 +33,8 @@ class Federation:
     sizes: np.ndarray  # samples per client
     schedule: Schedule
     privacy: PrivacyMechanism
+    client_test_indices: list[np.ndarray] | None = None  # each client's held-out samples (client_test_fraction)
+    lora_ranks: np.ndarray | None = None  # each client's LoRA rank (peft.lora_ranks)
 
 
 def build_federation(cfg: Config, device: torch.device, built: BuiltModel | None = None,
@@ -44,10 +49,20 @@ def build_federation(cfg: Config, device: torch.device, built: BuiltModel | None
     if data.num_classes > cfg.model.num_classes:
         raise ConfigError("model.num_classes", f"{cfg.model.num_classes} is fewer than the "
                                                f"{data.num_classes} classes of data.name={cfg.data.name}")
-    client_indices = make_partition(cfg.data, data.train_targets, cfg.fed.num_clients, cfg.seed)
+    client_indices, client_test = client_split(cfg, data)
     sizes = np.array([len(p) for p in client_indices], dtype=np.int64)
     schedule = Schedule(cfg.seed, cfg.fed.num_clients, cfg.fed.clients_per_round, cfg.fed.dropout,
                         cohort_sampling(cfg.fed.sampling, cfg.privacy.mode))
     privacy = build_privacy(cfg, client_sizes=sizes, schedule=schedule, device=device)
-    return Federation(built=built, counts=count_params(built.model), data=data, client_indices=client_indices,
-                      sizes=sizes, schedule=schedule, privacy=privacy)
+    counts = {**count_params(built.model), **split_counts(built.model, cfg.peft)}
+    ranks = assign_ranks(cfg.peft.lora_ranks, cfg.fed.num_clients, cfg.seed) if cfg.peft.lora_ranks else None
+    return Federation(built=built, counts=counts, data=data, client_indices=client_indices, sizes=sizes,
+                      schedule=schedule, privacy=privacy, client_test_indices=client_test, lora_ranks=ranks)
+
+
+def client_split(cfg: Config, data: DataBundle) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """Each client's training indices and (``data.client_test_fraction`` > 0) its held-out ones."""
+    parts = make_partition(cfg.data, data.train_targets, cfg.fed.num_clients, cfg.seed)
+    if cfg.data.client_test_fraction <= 0:
+        return parts, None
+    return hold_out(parts, cfg.data.client_test_fraction, cfg.seed)

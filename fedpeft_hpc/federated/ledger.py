@@ -18,9 +18,11 @@ class ByteLedger:
     bytes_down_total: int = 0
     full_ft_bytes_total: int = 0
 
-    def record(self, sampled: int, returned: int) -> dict[str, int]:
-        up = returned * self.bytes_per_transfer
-        down = sampled * self.bytes_per_transfer
+    def record(self, sampled: int, returned: int, up: int | None = None, down: int | None = None) -> dict[str, int]:
+        """This round's bytes: ``sampled`` / ``returned`` transfers of ``bytes_per_transfer``, unless ``up`` /
+        ``down`` give the sums of each client's own transfers (heterogeneous LoRA ranks)."""
+        up = returned * self.bytes_per_transfer if up is None else up
+        down = sampled * self.bytes_per_transfer if down is None else down
         self.bytes_up_total += up
         self.bytes_down_total += down
         self.full_ft_bytes_total += (sampled + returned) * self.full_bytes_per_transfer

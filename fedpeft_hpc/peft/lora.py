@@ -3,6 +3,11 @@
 A and B are plain ``nn.Linear`` modules (bias-free), so Opacus computes their per-sample
 gradients with its own Linear rule, and a later batched-clients path can give them a
 leading client dimension. B starts at zero (the model starts as the backbone).
+
+Heterogeneous ranks (``peft.lora_ranks``, HetLoRA): the model holds the largest rank and
+``set_active_rank`` makes every LoRA layer use only its first ``r`` components (a mask on
+``A x``, so A's last rows and B's last columns get exactly zero gradient and Opacus still
+sees plain Linear modules).
 """
 
 from __future__ import annotations
@@ -26,15 +31,53 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(base.in_features, rank, bias=False)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False)
         self.scaling = alpha / rank
+        self.rank_mask: torch.Tensor | None = None  # ones for the active components (set_active_rank)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
+        h = self.lora_A(x)
+        if self.rank_mask is not None:
+            h = h * self.rank_mask.to(h.dtype)
+        return self.base(x) + self.lora_B(h) * self.scaling
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         return self.base.weight + (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+
+def set_active_rank(model: nn.Module, rank: int | None) -> None:
+    """Use only the first ``rank`` LoRA components in every layer (``None``: all of them)."""
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            full = m.lora_A.out_features
+            if rank is None or rank >= full:
+                m.rank_mask = None
+            else:
+                mask = torch.zeros(full, device=m.lora_A.weight.device)
+                mask[:rank] = 1.0
+                m.rank_mask = mask
+
+
+def truncated_shape(name: str, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
+    """The shape a rank-``rank`` client exchanges of the tensor ``name`` (A: first rows, B: first columns)."""
+    if ".lora_A." in name:
+        return (min(rank, shape[0]), *shape[1:])
+    if ".lora_B." in name:
+        return (shape[0], min(rank, shape[1]))
+    return shape
+
+
+def truncation_mask(name: str, shape: tuple[int, ...], rank: int) -> torch.Tensor | None:
+    """Boolean mask of the entries of ``name`` a rank-``rank`` client holds (``None``: all of them)."""
+    if ".lora_A." not in name and ".lora_B." not in name:
+        return None
+    mask = torch.zeros(shape, dtype=torch.bool)
+    if ".lora_A." in name:
+        mask[:rank] = True
+    else:
+        mask[:, :rank] = True
+    return mask
 
 
 @register_peft("lora")
@@ -46,7 +89,7 @@ def lora(model: nn.Module, cfg: PeftConfig) -> None:
             base = getattr(parent, child_name, None) if parent is not None else None
             if not isinstance(base, nn.Linear):
                 raise ValueError(f"peft.lora_targets: block has no Linear {parent_name}.{child_name}")
-            wrapped = LoRALinear(base, cfg.lora_rank, cfg.lora_alpha)
+            wrapped = LoRALinear(base, max(cfg.lora_ranks) if cfg.lora_ranks else cfg.lora_rank, cfg.lora_alpha)
             setattr(parent, child_name, wrapped)
             wrapped.lora_A.weight.requires_grad_(True)
             wrapped.lora_B.weight.requires_grad_(True)

@@ -16,6 +16,7 @@ from torch import nn
 
 from fedpeft_hpc.config.schema import PeftConfig
 from fedpeft_hpc.errors import ConfigError
+from fedpeft_hpc.peft.parts import apply_frozen
 from fedpeft_hpc.peft.state import peft_params
 from fedpeft_hpc.utils.hints import did_you_mean
 
@@ -67,6 +68,7 @@ def apply_peft(model: nn.Module, cfg: PeftConfig) -> nn.Module:
     method(model, cfg)
     if not any(p.requires_grad for p in model.parameters()):  # pragma: no cover - method bug
         raise RuntimeError(f"PEFT method {cfg.method!r} left nothing trainable")
+    apply_frozen(model, cfg)
     return model
 
 

@@ -33,4 +33,9 @@ def write_report(path: str | Path, panels: list[str] | None = None) -> tuple[dic
     atomic_write_text(out["results.md"], md)
     atomic_write(out["accuracy_vs_round.png"], lambda tmp: plot_accuracy_vs_round(coll, Path(tmp), panels))
     atomic_write(out["accuracy_vs_bytes.png"], lambda tmp: plot_accuracy_vs_bytes(coll, Path(tmp), panels))
+    if any(isinstance(r.get("personal_acc"), (int, float)) for rec in coll.runs for r in rec.metrics):
+        # clients held samples out (data.client_test_fraction): their own models' accuracy too
+        out["personal_acc_vs_bytes.png"] = path / "personal_acc_vs_bytes.png"
+        atomic_write(out["personal_acc_vs_bytes.png"],
+                     lambda tmp: plot_accuracy_vs_bytes(coll, Path(tmp), panels, metric="personal_acc"))
     return out, md

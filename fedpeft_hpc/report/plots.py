@@ -29,12 +29,12 @@ class Curve:
     mb_mean: np.ndarray
 
 
-def _points(rec: RunRecord) -> dict[int, tuple[float, float]]:
-    """round -> (test accuracy, cumulative MB up + down) for the rounds that evaluated (MB NaN where the row
-    holds no byte counts: a DP run with privacy.release=covered whose cohort size is secret)."""
+def _points(rec: RunRecord, metric: str = "test_acc") -> dict[int, tuple[float, float]]:
+    """round -> (``metric``: test accuracy or personal_acc, cumulative MB up + down) for the rounds that evaluated
+    (MB NaN where the row holds no byte counts: a DP run with privacy.release=covered whose cohort size is secret)."""
     out = {}
     for row in rec.metrics:
-        acc = row.get("test_acc")
+        acc = row.get(metric)
         if isinstance(acc, (int, float)):
             sent = [row.get("bytes_up_total"), row.get("bytes_down_total")]
             mb = sum(sent) / 1e6 if None not in sent else math.nan
@@ -42,10 +42,10 @@ def _points(rec: RunRecord) -> dict[int, tuple[float, float]]:
     return out
 
 
-def curves(coll: Collection) -> list[Curve]:
+def curves(coll: Collection, metric: str = "test_acc") -> list[Curve]:
     out = []
     for name, recs in coll.settings().items():
-        per_run = [_points(r) for r in recs]
+        per_run = [_points(r, metric) for r in recs]
         rounds = sorted(set().union(*per_run))
         if not rounds:
             continue
@@ -63,7 +63,7 @@ def curves(coll: Collection) -> list[Curve]:
     return out
 
 
-def _figure(title: str, xlabel: str, panels: int):
+def _figure(title: str, xlabel: str, panels: int, ylabel: str = "test accuracy (top-1)"):
     """A figure with ``panels`` axes (two per row), one shared y axis; the title on top."""
     from matplotlib.figure import Figure
 
@@ -81,7 +81,7 @@ def _figure(title: str, xlabel: str, panels: int):
         fig.suptitle(title)
     for ax in axes:
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (top-1)")
+        ax.set_ylabel(ylabel)
         ax.grid(True, which="major", alpha=0.3)
     return fig, axes
 
@@ -120,13 +120,17 @@ def plot_accuracy_vs_round(coll: Collection, path: Path, panels: list[str] | Non
     return _save(fig, path)
 
 
-def plot_accuracy_vs_bytes(coll: Collection, path: Path, panels: list[str] | None = None):
-    """Write the PNG (log x; one panel per value of the ``panels`` keys); returns the matplotlib Figure."""
+def plot_accuracy_vs_bytes(coll: Collection, path: Path, panels: list[str] | None = None, metric: str = "test_acc"):
+    """Write the PNG (log x; one panel per value of the ``panels`` keys); returns the matplotlib Figure.
+    ``metric``: ``test_acc`` (the global model on the global test set) or ``personal_acc`` (each client's own
+    model on its held-out samples, ``data.client_test_fraction``)."""
     groups = split(coll, panels or [])
-    fig, axes = _figure(f"{coll.title}: test accuracy vs communication",
-                        "cumulative communication, MB (up + down, all clients; log scale)", len(groups))
+    what = "test accuracy" if metric == "test_acc" else "personalized accuracy (clients' own models)"
+    fig, axes = _figure(f"{coll.title}: {what} vs communication",
+                        "cumulative communication, MB (up + down, all clients; log scale)", len(groups),
+                        ylabel="test accuracy (top-1)" if metric == "test_acc" else "personal_acc (top-1)")
     for ax, (subtitle, part) in zip(axes, groups):
-        cs = curves(part)
+        cs = curves(part, metric)
         for c in cs:
             (line,) = ax.plot(c.mb_mean, c.acc_mean, marker="o", markersize=3, label=c.label)
             ax.fill_between(c.mb_mean, c.acc_mean - c.acc_std, c.acc_mean + c.acc_std, color=line.get_color(),

@@ -20,7 +20,7 @@ from statistics import mean, stdev
 from fedpeft_hpc.report.collect import Collection, RunRecord, value_text
 
 RESULT_FIELDS = ("seed", "state", "rounds_done", "rounds", "final_acc", "best_acc", "trainable_params", "mb_sent",
-                 "wall_s", "epsilon")
+                 "wall_s", "epsilon", "personal_acc", "sent_params", "local_params", "frozen_params")
 
 
 def run_row(rec: RunRecord) -> dict:
@@ -40,7 +40,9 @@ def run_row(rec: RunRecord) -> dict:
             "final_acc": s.get("final_acc") if s else None, "best_acc": s.get("best_acc") if s else None,
             "trainable_params": s.get("trainable_params") if s else None,
             "mb_sent": bytes_total / 1e6 if bytes_total is not None else None,
-            "wall_s": _wall_s(rec.metrics), "epsilon": eps, **_privacy_facts(s)}
+            "wall_s": _wall_s(rec.metrics), "epsilon": eps, **_privacy_facts(s),
+            **{k: s.get(k) if s else None
+               for k in ("personal_acc", "sent_params", "local_params", "frozen_params")}}
 
 
 def _wall_s(rows: list[dict]) -> float | None:
@@ -127,6 +129,8 @@ def setting_rows(coll: Collection) -> list[dict]:
             "wall_s": _mean([r["wall_s"] for r in done], ".1f"),
             "epsilon": largest_epsilon([r["epsilon"] for r in done]) + privacy_flags(done),
             "has_epsilon": any(r["epsilon"] is not None for r in done),
+            "personal_acc": _mean_std([r["personal_acc"] for r in done]),
+            "has_personal": any(r["personal_acc"] is not None for r in done),
         })
     return rows
 
@@ -134,8 +138,10 @@ def setting_rows(coll: Collection) -> list[dict]:
 def results_md(coll: Collection) -> str:
     rows = setting_rows(coll)
     dp = any(r["has_epsilon"] for r in rows)
+    personal = any(r["has_personal"] for r in rows)
     cols = [coll.short.get(k, k) for k in coll.swept] or ["run"]
-    head = cols + ["n", "final acc", "best acc", "trainable params", "MB sent", "wall s"]
+    head = cols + ["n", "final acc", "best acc"] + (["personal acc"] if personal else [])
+    head += ["trainable params", "MB sent", "wall s"]
     head += ["epsilon"] if dp else []
     lines = [f"# {coll.title}: results", ""]
     states: dict[str, int] = {}
@@ -150,8 +156,9 @@ def results_md(coll: Collection) -> str:
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         values = [value_text(r["values"].get(k), sep=", ") for k in coll.swept] or [r["setting"]]
-        cells = values + [f"{r['n']}/{r['runs']}", r["final_acc"], r["best_acc"], r["trainable_params"],
-                          r["mb_sent"], r["wall_s"]] + ([r["epsilon"]] if dp else [])
+        cells = values + [f"{r['n']}/{r['runs']}", r["final_acc"], r["best_acc"]]
+        cells += [r["personal_acc"]] if personal else []
+        cells += [r["trainable_params"], r["mb_sent"], r["wall_s"]] + ([r["epsilon"]] if dp else [])
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean ± sample standard deviation over the finished runs (seeds) of each setting; "
                   "n: finished runs / runs. MB sent: up + down, all clients, whole run. "
@@ -161,6 +168,9 @@ def results_md(coll: Collection) -> str:
                       "is its own); seeded noise: the noise derives from the seed, so that epsilon holds only "
                       "against whoever does not know the seed; rounds charged again: released rows were re-run "
                       "or an earlier attempt was charged (privacy.json).")
+    if personal:
+        lines[-1] += (" personal acc: each client's own model (global state + its local parts + its LoRA rank) on "
+                      "its held-out samples, sample-weighted over clients, after the last round.")
     unfinished = [r for r in coll.runs if not r.finished]
     if unfinished:
         lines += ["", "Not finished (not in the means):", ""]

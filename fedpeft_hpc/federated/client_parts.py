@@ -1,0 +1,156 @@
+"""A client's own view of the shared model: its local parts and its LoRA rank.
+
+The engine's global state holds the SENT tensors only. Before a client trains, ``ClientParts``
+loads the client's local parts (``peft.local``, from the client-state store) into the model and
+restricts every LoRA layer to the client's rank (``peft.lora_ranks``), zeroing the global
+entries outside it; after training it stores the local parts back and turns the update into
+``pad(local) - global`` (see ``peft.ranks``). For evaluation of the global model it puts the
+local parts back at their seeded initialisation and the full rank: the global model is what
+every client shares plus what a client that never trained would hold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedpeft_hpc.config.schema import Config
+from fedpeft_hpc.peft import FlatLayout
+from fedpeft_hpc.peft.lora import set_active_rank
+from fedpeft_hpc.peft.parts import StateParts, select, state_parts
+from fedpeft_hpc.peft.ranks import rank_bytes, rank_mask, truncate_
+from fedpeft_hpc.runs.client_state import ClientStateStore, remove_store
+
+STORE_DIR = "client_state"
+
+
+class ClientParts:
+    def __init__(self, cfg: Config, model: nn.Module, params: Mapping[str, nn.Parameter],
+                 lora_ranks: np.ndarray | None, run_dir: Path, device: torch.device):
+        self.parts: StateParts = state_parts(model, cfg.peft)
+        self.peft = cfg.peft
+        self.model = model
+        self.sent = select(params, self.parts.sent)
+        self.local = select(params, self.parts.local)
+        self.local_layout = FlatLayout(self.local) if self.local else None
+        self.init_local = ({n: p.detach().clone() for n, p in self.local.items()} if self.local else {})
+        self.lora_ranks = lora_ranks
+        self.num_clients = cfg.fed.num_clients
+        self.store_dir = Path(run_dir) / STORE_DIR
+        self.store: ClientStateStore | None = None
+        self.device = device
+        self._masks: dict[int, torch.Tensor] = {}  # rank -> flat mask over the sent layout (on device)
+        self._bytes: dict[int, int] = {}
+
+    @property
+    def active(self) -> bool:
+        """Something differs per client (local parts, ranks) or is frozen: clients train one by one."""
+        return bool(self.parts.split or self.lora_ranks is not None)
+
+    def why(self) -> str:
+        """The settings that make clients differ, as the log names them."""
+        p = self.peft
+        said = [f"peft.{k}={v}" for k, v in (("local", p.local), ("frozen", p.frozen), ("lora_ranks", p.lora_ranks))
+                if v]
+        return ", ".join(said)
+
+    # -- the store ----------------------------------------------------------------------------
+    def open_store(self, is_main: bool, resume_round: int | None) -> None:
+        """Rank 0 (before the ranks agree on the start): the store as of the checkpoint (none: fresh)."""
+        if not self.local or not is_main:
+            return
+        if resume_round is None:
+            remove_store(self.store_dir)
+        store = ClientStateStore(self.store_dir, self.init_local, self.num_clients)
+        store.recover(resume_round or 0)
+        store.close()
+
+    def attach_store(self) -> None:
+        """Every rank, after rank 0's ``open_store`` (the ranks' agreement check lies between)."""
+        if self.local:
+            self.store = ClientStateStore(self.store_dir, self.init_local, self.num_clients)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    # -- a client -----------------------------------------------------------------------------
+    def rank_of(self, client: int) -> int | None:
+        return int(self.lora_ranks[client]) if self.lora_ranks is not None else None
+
+    def mask(self, rank: int) -> torch.Tensor:
+        if rank not in self._masks:
+            self._masks[rank] = rank_mask(self.sent, rank).to(self.device)
+        return self._masks[rank]
+
+    def start(self, client: int, global_vec: torch.Tensor) -> torch.Tensor:
+        """Load ``client``'s local parts and rank; the sent state it starts from (its truncation)."""
+        self._load_local(client)
+        rank = self.rank_of(client)
+        set_active_rank(self.model, rank)
+        if rank is None:
+            return global_vec
+        return global_vec * self.mask(rank)
+
+    def finish(self, client: int, delta: torch.Tensor, global_vec: torch.Tensor) -> torch.Tensor:
+        """Store ``client``'s local parts; its update against the full global state (``pad(local) - global``)."""
+        if self.store is not None:
+            self.store.put(client, self.local)
+        rank = self.rank_of(client)
+        set_active_rank(self.model, None)
+        if rank is None:
+            return delta
+        mask = self.mask(rank)
+        # outside its rank the client's padded state is zero (also where DP-SGD noise touched it)
+        return torch.where(mask, delta, -global_vec)
+
+    def as_global(self) -> None:
+        """The model as the global one: local parts at their initialisation, the full rank."""
+        self._copy_local(self.init_local)
+        set_active_rank(self.model, None)
+
+    def as_client(self, client: int) -> None:
+        """The model as ``client``'s personalized one (the sent tensors must hold the global state)."""
+        self._load_local(client)
+        rank = self.rank_of(client)
+        set_active_rank(self.model, rank)
+        if rank is not None:
+            truncate_(self.sent, rank)
+
+    def _load_local(self, client: int) -> None:
+        if self.store is not None:
+            self._copy_local(self.store.get(client))
+        elif self.local:
+            self._copy_local(self.init_local)
+
+    @torch.no_grad()
+    def _copy_local(self, values: Mapping[str, torch.Tensor]) -> None:
+        for n, p in self.local.items():
+            p.copy_(values[n])
+
+    def client_bytes(self, client: int, per_transfer: int) -> int:
+        """Bytes one transfer of ``client``'s own sent tensors takes."""
+        rank = self.rank_of(client)
+        if rank is None:
+            return per_transfer
+        if rank not in self._bytes:
+            self._bytes[rank] = rank_bytes(self.sent, rank)
+        return self._bytes[rank]
+
+    # -- rounds -------------------------------------------------------------------------------
+    def end_round(self, round_idx: int, rank: int) -> None:
+        if self.store is not None:
+            self.store.end_round(round_idx, rank)
+
+    def after_aggregate(self, round_idx: int) -> None:
+        if self.store is not None:
+            self.store.index_round(round_idx)
+
+    def after_checkpoint(self, round_idx: int, rank: int) -> None:
+        if self.store is not None:
+            self.store.compact(round_idx, rank)
