@@ -5,8 +5,9 @@ Runs the quickstart (random-init backbone, ``fed.client_batch`` as given, one ro
 
 - host calls: ``torch.tensor`` (a tensor built from Python data), ``Tensor.tolist``, ``.item``,
   ``.cpu``, ``.numpy`` and the tensor conversions ``bool`` (a truth test), ``int``, ``float``;
-- top-level aten operators: ``torch.profiler`` CPU events named ``aten::*`` with no ``aten::``
-  ancestor (what the Python code and autograd launch, not what those operators call inside).
+- top-level aten operators: ``torch.profiler`` CPU events named ``aten::*`` without a parent event
+  (what the Python code launches; ``ops``), and those without an ``aten::`` ancestor, which adds the
+  operators the autograd engine runs for the backward (``ops_with_backward``).
 
 The difference divided by 3 is the cost of one more local epoch: what grows with the number of
 optimizer steps (per-round costs cancel). Usage, from the repository root:
@@ -60,16 +61,19 @@ def host_call_counter():
             setattr(owner, name, fn)
 
 
-def top_level_aten(prof) -> int:
-    n = 0
+def top_level_aten(prof) -> tuple[int, int]:
+    """``(launched by Python, including the backward)``: ``aten::*`` events without any parent event, and
+    those without an ``aten::`` ancestor (the autograd engine's backward operators included)."""
+    python = with_backward = 0
     for ev in prof.events():
         if not ev.name.startswith("aten::"):
             continue
+        python += ev.cpu_parent is None
         parent = ev.cpu_parent
         while parent is not None and not parent.name.startswith("aten::"):
             parent = parent.cpu_parent
-        n += parent is None
-    return n
+        with_backward += parent is None
+    return python, with_backward
 
 
 def measure(extra: list[str], epochs: int, workdir: Path) -> dict:
@@ -90,7 +94,7 @@ def measure(extra: list[str], epochs: int, workdir: Path) -> dict:
         with host_call_counter() as counts, profile(activities=[ProfilerActivity.CPU]) as prof:
             buf = inner(round_idx, clients)
         out["host"] = dict(counts)
-        out["ops"] = top_level_aten(prof)
+        out["ops"], out["ops_with_backward"] = top_level_aten(prof)
         return buf
 
     trainer._train_clients = counted
@@ -111,6 +115,7 @@ def per_epoch(name: str) -> dict:
     keys = sorted(set(lo["host"]) | set(hi["host"]))
     host = {k: (hi["host"].get(k, 0) - lo["host"].get(k, 0)) / span for k in keys}
     return {"setting": name, "ops_per_epoch": (hi["ops"] - lo["ops"]) / span,
+            "ops_with_backward_per_epoch": (hi["ops_with_backward"] - lo["ops_with_backward"]) / span,
             "host_calls_per_epoch": sum(host.values()), "host_calls_by_kind": {k: v for k, v in host.items() if v},
             "ops_round": {str(e): runs[e]["ops"] for e in EPOCHS}}
 
@@ -126,7 +131,8 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(r))
         else:
-            print(f"{name:11s} ops/epoch {r['ops_per_epoch']:8.1f}  host calls/epoch {r['host_calls_per_epoch']:6.1f} "
+            print(f"{name:11s} ops/epoch {r['ops_per_epoch']:7.1f} (with backward {r['ops_with_backward_per_epoch']:7.1f})  "
+                  f"host calls/epoch {r['host_calls_per_epoch']:6.1f} "
                   f"{r['host_calls_by_kind']}")
         sys.stdout.flush()
     return 0
