@@ -141,6 +141,10 @@ class BatchedClientTrainer:
         self.store = SlotStore(layout, slots, self.device)
         self.optim = StackedOptimizer(self.store, optim)
         self.grad = torch.zeros_like(self.store.params)
+        # rows < K: the active rows gathered here, their gradients there (one buffer each, reused every step)
+        self._work = torch.zeros_like(self.store.params)
+        self._work_grad = torch.zeros_like(self.store.params)
+        self._leaves: dict[int, tuple] = {}
         self.active = torch.zeros(slots, dtype=torch.bool, device=self.device)
         self.loss_sum = torch.zeros(slots, dtype=torch.float64, device=self.device)
         self.correct = torch.zeros(slots, dtype=torch.int64, device=self.device)
@@ -214,8 +218,8 @@ class BatchedClientTrainer:
         batches = [sl.pending for sl in slots]
         for sl in slots:
             sl.pending = None
-        xs = [x.to(self.device, non_blocking=True) for x, _ in batches]
-        ys = [y.to(self.device, non_blocking=True) for _, y in batches]
+        xs = [self._on_device(x) for x, _ in batches]
+        ys = [self._on_device(y) for _, y in batches]
         noises = [sl.job.noise for sl in slots]
         dp = [n is not None for n in noises]
         if any(dp) and not all(dp):
@@ -228,9 +232,8 @@ class BatchedClientTrainer:
         else:
             rows, x, y = self._padded(active, xs, ys)
             index = self.rows_index(rows)
-            params = self.store.params if len(rows) == self.slots else self.store.params.index_select(0, index)
             with compute_precision(self.precision, self.device), self._attention(per_sample=False):
-                grads, loss_sum, correct = self._loss_grads(params, x, y)
+                grads, loss_sum, correct = self._loss_grads(index, len(rows), x, y)
             with torch.no_grad():
                 self.loss_sum.index_add_(0, index, loss_sum)
                 self.correct.index_add_(0, index, correct)
@@ -266,15 +269,32 @@ class BatchedClientTrainer:
         y = pad_sequence(full_y, batch_first=True, padding_value=-1)[: self.slots]
         return tuple(range(self.slots)), x, y
 
-    def _loss_grads(self, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
-        """Each row's gradient of its mean loss over its own mini-batch (padding: label -1, weight 0), flat
-        ``[rows, P]``; with each row's loss sum and correct count. One vmapped forward/backward (the forward
-        through ``torch.compile`` under ``run.compile``)."""
-        rows = params.shape[0]
+    def _on_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.device else t.to(self.device, non_blocking=True)
+
+    def _rows_leaves(self, rows: int):
+        """For ``rows`` trained rows: the flat ``[rows, P]`` tensor they are read from (the store itself when
+        every slot trains), its per-name views as leaves that require grad, and the per-name views of the flat
+        gradient buffer; made once per number of rows and reused every step."""
+        got = self._leaves.get(rows)
+        if got is None:
+            flat = self.store.params if rows == self.slots else self._work[:rows]
+            grad_flat = self.grad if rows == self.slots else self._work_grad[:rows]
+            leaves = {n: v.requires_grad_(True) for n, v in self.store.views(flat).items()}
+            got = self._leaves[rows] = (flat, leaves, grad_flat, list(self.store.views(grad_flat).values()))
+        return got
+
+    def _loss_grads(self, index: torch.Tensor, rows: int, x: torch.Tensor, y: torch.Tensor):
+        """Each of the rows ``index``'s gradient of its mean loss over its own mini-batch (padding: label -1,
+        weight 0), flat ``[rows, P]``; with each row's loss sum and correct count. One vmapped forward/backward
+        (the forward through ``torch.compile`` under ``run.compile``)."""
+        flat, leaves, grad_flat, grad_views = self._rows_leaves(rows)
+        if rows < self.slots:
+            with torch.no_grad():
+                torch.index_select(self.store.params, 0, index, out=flat)
         mask = y >= 0
         n = mask.sum(1)
         weight = mask / n.clamp(min=1).unsqueeze(1).to(torch.float32)
-        leaves = {name: v.detach().requires_grad_(True) for name, v in self.store.views(params).items()}
         if self.compiled is not None:
             try:
                 loss, ce, pred = self.compiled(leaves, x, y, weight)
@@ -286,9 +306,9 @@ class BatchedClientTrainer:
             loss, ce, pred = self._forward(leaves, x, y, weight)
         grads = torch.autograd.grad(loss, list(leaves.values()))
         with torch.no_grad():
-            flat = torch.cat([g.reshape(rows, -1) for g in grads], dim=1)
+            torch._foreach_copy_(grad_views, grads)
             loss_sum = (ce * weight).sum(1).double() * n.double()
-            return flat, loss_sum, ((pred == y) & mask).sum(1)
+            return grad_flat, loss_sum, ((pred == y) & mask).sum(1)
 
     def _forward(self, leaves: dict, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor):
         """The summed weighted loss of every row, each sample's loss and prediction (vmapped over rows)."""
