@@ -5,40 +5,15 @@ API for a client's own state, and more ranks than GPUs refused before any proces
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 
 import pytest
 import torch
 
+from fedpeft_hpc.bench.step_counts import host_call_counter as host_calls
 from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob
 from fedpeft_hpc.federated.client import local_train, make_optimizer
 from tests.test_batched import _batches, _dataset, _privacy, _setup, assert_same_updates, batched, one_thread  # noqa: F401
-
-HOST_METHODS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
-
-
-@contextlib.contextmanager
-def host_calls():
-    """Counts of every call that reads a tensor's value on the host or builds a tensor from Python data."""
-    counts: collections.Counter = collections.Counter()
-    saved = [(torch, "tensor", torch.tensor), (torch, "as_tensor", torch.as_tensor)] + \
-        [(torch.Tensor, m, getattr(torch.Tensor, m)) for m in HOST_METHODS]
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            counts[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    for owner, name, fn in saved:
-        setattr(owner, name, counted(name, fn))
-    try:
-        yield counts
-    finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
-
 
 def _trainer(method, dp, slots, *extra, **kwargs):
     cfg, sizes, model, params, layout, start = _setup(method, dp, *extra)

@@ -3,8 +3,9 @@
 Runs the quickstart (random-init backbone, ``fed.client_batch`` as given, one round) twice, with
 ``fed.local_epochs`` 1 and 4, and counts inside the round's client training (``_train_clients``):
 
-- host calls: ``torch.tensor`` (a tensor built from Python data), ``Tensor.tolist``, ``.item``,
-  ``.cpu``, ``.numpy`` and the tensor conversions ``bool`` (a truth test), ``int``, ``float``;
+- host calls (``fedpeft_hpc.bench.step_counts.host_call_counter``): ``torch.tensor`` /
+  ``torch.as_tensor`` (a tensor built from Python data), ``Tensor.tolist``, ``.item``, ``.cpu``,
+  ``.numpy`` and the conversions ``bool`` (a truth test), ``int``, ``float``, ``__index__``;
 - top-level aten operators: ``torch.profiler`` CPU events named ``aten::*`` without a parent event
   (what the Python code launches; ``ops``), and those without an ``aten::`` ancestor, which adds the
   operators the autograd engine runs for the backward (``ops_with_backward``).
@@ -21,14 +22,14 @@ Settings: ``bias-sgd`` (BitFit, SGD with Nesterov momentum, client_batch 8), ``l
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from fedpeft_hpc.bench.step_counts import host_call_counter
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {
@@ -37,30 +38,6 @@ SETTINGS = {
     "bias-seq": ["peft.method=bias", "fed.client_batch=off"],
 }
 EPOCHS = (1, 4)
-HOST_METHODS = ("tolist", "item", "cpu", "numpy", "__bool__", "__int__", "__float__")
-
-
-@contextlib.contextmanager
-def host_call_counter():
-    """Counts of the calls that bring a value to the host (or build a tensor from Python data)."""
-    counts: collections.Counter = collections.Counter()
-    saved = [(torch, "tensor", torch.tensor)] + [(torch.Tensor, m, getattr(torch.Tensor, m)) for m in HOST_METHODS]
-
-    def counted(name, fn):
-        def wrapper(*args, **kwargs):
-            counts[name] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    for owner, name, fn in saved:
-        setattr(owner, name, counted("torch.tensor" if owner is torch else name.strip("_"), fn))
-    try:
-        yield counts
-    finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
-
-
 def top_level_aten(prof) -> tuple[int, int]:
     """``(launched by Python, including the backward)``: ``aten::*`` events without any parent event, and
     those without an ``aten::`` ancestor (the autograd engine's backward operators included)."""

@@ -152,6 +152,7 @@ class BatchedClientTrainer:
         self.expected = torch.ones(slots, dtype=torch.float32, device=self.device)  # DP-SGD: expected batch
         self.head = classifier_only(model, layout)
         self._index: dict[tuple, torch.Tensor] = {}  # device index tensors, one per set of rows
+        self.rows_index(tuple(range(slots)))  # every slot: made here, before the steps
         # bf16: the PEFT tensors that enter a Linear / convolution are cast as autocast casts them there, and
         # the frozen weights of those layers are held in bf16 once (autocast would cast them every step)
         lowp = precision == "bf16"
