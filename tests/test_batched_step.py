@@ -151,3 +151,64 @@ def test_d_more_ranks_than_gpus_is_refused_before_the_process_group(monkeypatch)
     with pytest.raises(ConfigError):
         check_ranks_per_gpu(WorldInfo(rank=0, local_rank=0, world_size=2, local_world_size=2,
                                       launcher="torchrun"), 1)
+
+
+# -- on a GPU (skipped without CUDA) ------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method, optim", [("bias", "sgd"), ("lora", "adamw")])
+def test_cuda_batched_step_never_waits_for_the_host(method, optim):
+    """Every batched step under ``torch.cuda.set_sync_debug_mode("error")``: a synchronizing call raises."""
+    extra = ("optim.name=adamw", "optim.lr=0.01") if optim == "adamw" else ()
+    cfg, sizes, model, params, layout, start = _setup(method, False, *extra, device="cuda")
+    ds, parts = _dataset(sizes)
+    privacy = _privacy(cfg, sizes, "cuda")
+    trainer = BatchedClientTrainer(model, layout, cfg.optim, 3, torch.device("cuda"))
+    for r in range(1, 4):
+        for rows in itertools.combinations(range(3), r):
+            trainer.rows_index(rows)
+    inner, steps = trainer._step, [0]
+
+    def step(*args):
+        before = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            inner(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode(before)
+        steps[0] += 1
+
+    trainer._step = step
+    # batches reach the device outside the step, as the engine's device-side data path delivers them
+    jobs = [ClientJob(k, lambda k=k: ((x.cuda(), y.cuda()) for x, y in _batches(cfg, privacy, ds, parts, k)))
+            for k in range(len(sizes))]
+    assert len(dict(trainer.train(start, jobs))) == len(sizes) and steps[0] > 10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["bias", "lora", "adapter"])
+def test_cuda_fused_attention_batched_equals_sequential(method, caplog):
+    """On CUDA the batched step keeps timm's fused attention (no fallback to the plain path) and still equals
+    sequential training within 1e-5 (fp32, TF32 off)."""
+    from tests.test_batched import sequential
+
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        seq = sequential(method, False, device="cuda")
+        trainer, jobs, start = _trainer_on(method, "cuda", attention="auto")
+        bat = dict(trainer.train(start, jobs))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert trainer.attention == "auto" and trainer._fused_ok, caplog.text
+    assert_same_updates(seq, bat)
+
+
+def _trainer_on(method, device, **kwargs):
+    cfg, sizes, model, params, layout, start = _setup(method, False, device=device)
+    ds, parts = _dataset(sizes)
+    privacy = _privacy(cfg, sizes, device)
+    trainer = BatchedClientTrainer(model, layout, cfg.optim, 3, torch.device(device), **kwargs)
+    jobs = [ClientJob(k, lambda k=k: _batches(cfg, privacy, ds, parts, k)) for k in range(len(sizes))]
+    return trainer, jobs, start

@@ -159,6 +159,7 @@ class BatchedClientTrainer:
         self.cast_names = autocast_inputs(model, layout) if lowp else frozenset()
         self.frozen = frozen_low_precision(model, layout) if lowp and self.head is None else {}
         self.compiled = self._compile() if compile else None
+        self._fused_ok = False  # a fused-attention step has run
 
     # -- the loop ------------------------------------------------------------------------
     def train(self, start: torch.Tensor, jobs: Iterable[ClientJob]) -> Iterator[tuple[int, LocalResult]]:
@@ -233,8 +234,7 @@ class BatchedClientTrainer:
         else:
             rows, x, y = self._padded(active, xs, ys)
             index = self.rows_index(rows)
-            with compute_precision(self.precision, self.device), self._attention(per_sample=False):
-                grads, loss_sum, correct = self._loss_grads(index, len(rows), x, y)
+            grads, loss_sum, correct = self._mean_step(index, len(rows), x, y)
             with torch.no_grad():
                 self.loss_sum.index_add_(0, index, loss_sum)
                 self.correct.index_add_(0, index, correct)
@@ -269,6 +269,24 @@ class BatchedClientTrainer:
         x = pad_sequence(full_x, batch_first=True)[: self.slots]
         y = pad_sequence(full_y, batch_first=True, padding_value=-1)[: self.slots]
         return tuple(range(self.slots)), x, y
+
+    def _mean_step(self, index: torch.Tensor, rows: int, x: torch.Tensor, y: torch.Tensor):
+        """``_loss_grads`` in ``model.precision``; fused attention where chosen, and plain attention from here on
+        (one log line) if the first fused step fails (a kernel without a vmap batching rule or backward)."""
+        fused = self._fused(per_sample=False)
+        try:
+            with compute_precision(self.precision, self.device), self._attention(per_sample=False):
+                out = self._loss_grads(index, rows, x, y)
+        except RuntimeError as exc:
+            if not fused or self._fused_ok or self.attention == "fused":
+                raise
+            log.warning("fused attention failed under vmap on %s (%s); client batching uses timm's plain "
+                        "attention from here on", self.device, str(exc).splitlines()[0] if str(exc) else exc)
+            self.attention = "plain"
+            with compute_precision(self.precision, self.device), self._attention(per_sample=False):
+                out = self._loss_grads(index, rows, x, y)
+        self._fused_ok = self._fused_ok or fused
+        return out
 
     def _on_device(self, t: torch.Tensor) -> torch.Tensor:
         return t if t.device == self.device else t.to(self.device, non_blocking=True)
@@ -360,10 +378,13 @@ class BatchedClientTrainer:
         cut = len(prefix) + 1
         return feats, lambda p, fk: functional_call(head, {n[cut:]: t for n, t in low(p).items()}, (fk,))
 
+    def _fused(self, per_sample: bool) -> bool:
+        """Whether timm's fused attention stays on: ``fused``, or ``auto`` on CUDA outside per-sample gradients."""
+        return self.attention == "fused" or (self.attention == "auto" and self.device.type == "cuda"
+                                             and not per_sample)
+
     def _attention(self, per_sample: bool):
-        fused = self.attention == "fused" or (self.attention == "auto" and self.device.type == "cuda"
-                                              and not per_sample)
-        return contextlib.nullcontext() if fused else vmap_friendly_attention(self.model)
+        return contextlib.nullcontext() if self._fused(per_sample) else vmap_friendly_attention(self.model)
 
     def _dp_grads(self, params: torch.Tensor, xs, ys, noises: list[ClientNoise], rows) -> torch.Tensor:
         """Per client: per-sample gradients clipped, summed, noised, divided (Opacus's DPOptimizer step);
@@ -448,8 +469,10 @@ def vmap_friendly_attention(model: nn.Module):
     """timm attention modules take their plain path (matmul, softmax, matmul) while vmapped.
 
     vmap has no batching rule for the fused CPU attention kernel (torch 2.14) and runs it
-    sample by sample; which fused kernel a GPU picks depends on dtype and shapes, and not
-    all have one either. The plain path is batched by vmap everywhere.
+    sample by sample, and per-sample gradients (``grad`` inside ``vmap``) need a double
+    transform; the plain path is batched by vmap everywhere. ``BatchedClientTrainer`` keeps the
+    fused kernels on CUDA outside DP-SGD (``attention="auto"``): they save the attention
+    matrices a plain step stores per slot, and fall back to this path if a step fails.
     """
     mods = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool) and m.fused_attn]
     for m in mods:
