@@ -4,7 +4,8 @@ Sequential clients run the frozen backbone at the client's batch size B, which l
 GPU (and even a CPU) far from its throughput at K*B. With PEFT the backbone is frozen and
 shared and a client's state is tiny, so a rank trains K clients at once here:
 
-- **Stacked state.** Each PEFT tensor is held as ``[K, *shape]``, one row (slot) per
+- **Stacked state.** The slot store (``federated.slots``) holds the K clients' PEFT tensors
+  as one flat ``[K, P]`` buffer with per-name ``[K, *shape]`` views, one row (slot) per
   client. ``torch.func.functional_call`` + ``vmap`` over the slot dimension run the model
   with each slot's PEFT tensors while the frozen backbone tensors stay unbatched, so every
   frozen matmul/convolution is one call over all K*B samples, and plain autograd through
@@ -21,6 +22,14 @@ shared and a client's state is tiny, so a rank trains K clients at once here:
 - **Same data, same optimizer.** Each client's batches come from the same per-client
   iterator the sequential path uses (made when the client gets its slot), and its
   optimizer is torch's formula per row (``federated.stacked_optim``).
+- **No host round trip in a step.** Leaves and gradient views are made once per number of
+  rows, a set of rows gets its device index once, padding is labelled -1 (the weights come
+  from the labels on the device), metric sums stay on the device until a client finishes.
+- **GPU paths.** timm's fused attention stays on CUDA (plain elsewhere, see
+  ``vmap_friendly_attention``); under bf16 the PEFT tensors of Linear layers enter the
+  vmapped call in bf16 and the frozen Linear weights are bf16 copies made once;
+  ``compile=True`` (``run.compile``) pads to all K slots and the full batch B and runs the
+  forward through ``torch.compile``.
 - **Head only.** When every trainable tensor is the classifier's (``head``) and the model
   splits into ``forward_features``/``forward_head`` (timm), the frozen backbone runs once,
   unbatched and without autograd, over all K*B samples, and only the classifier is vmapped.
