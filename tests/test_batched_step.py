@@ -13,7 +13,8 @@ import torch
 from fedpeft_hpc.bench.step_counts import host_call_counter as host_calls
 from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob
 from fedpeft_hpc.federated.client import local_train, make_optimizer
-from tests.test_batched import _batches, _dataset, _privacy, _setup, assert_same_updates, batched, one_thread  # noqa: F401
+from tests.test_batched import (_batches, _dataset, _privacy, _setup, assert_same_updates, batched,  # noqa: F401
+                                one_thread)
 
 def _trainer(method, dp, slots, *extra, **kwargs):
     cfg, sizes, model, params, layout, start = _setup(method, dp, *extra)

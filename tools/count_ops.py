@@ -108,7 +108,8 @@ def main(argv=None) -> int:
         if args.json:
             print(json.dumps(r))
         else:
-            print(f"{name:11s} ops/epoch {r['ops_per_epoch']:7.1f} (with backward {r['ops_with_backward_per_epoch']:7.1f})  "
+            print(f"{name:11s} ops/epoch {r['ops_per_epoch']:7.1f} "
+                  f"(with backward {r['ops_with_backward_per_epoch']:7.1f})  "
                   f"host calls/epoch {r['host_calls_per_epoch']:6.1f} "
                   f"{r['host_calls_by_kind']}")
         sys.stdout.flush()

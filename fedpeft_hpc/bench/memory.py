@@ -59,7 +59,8 @@ def hosted_client_memory(ctx: BenchContext) -> list[Row]:
     ratio = per_client / state
     detail = ", ".join(f"{name} {a[k] / 2**20:.2f} -> {b[k] / 2**20:.2f} MiB" for name, k in
                        [*kinds, ("peak RSS", "peak_rss")])
-    return [Row("memory per hosted client / PEFT state", f"{ctx.profile.headline_method}, {few} vs {many} clients", ratio,
+    method = ctx.profile.headline_method
+    return [Row("memory per hosted client / PEFT state", f"{method}, {few} vs {many} clients", ratio,
                 "<= 1.5", at_most(ratio, 1.5), detail=f"{per_client / 1024:.2f} KiB per client vs {state / 1024:.2f} "
                 f"KiB state; {detail}", key="memory_per_client_ratio",
                 extra={"bytes_per_hosted_client": per_client, "state_bytes": state})]

@@ -31,7 +31,8 @@ def _train(ctx: BenchContext, name: str, procs: int, threads: int) -> float:
     from fedpeft_hpc.config.load import dump_yaml
 
     p = ctx.profile
-    cfg = ctx.config(f"peft.method={p.headline_method}", f"fed.num_clients={CLIENTS}", f"fed.clients_per_round={CLIENTS}",
+    cfg = ctx.config(f"peft.method={p.headline_method}", f"fed.num_clients={CLIENTS}",
+                     f"fed.clients_per_round={CLIENTS}",
                      f"data.synthetic_samples={CLIENTS * p.samples_per_client}", f"fed.client_batch={K}",
                      f"fed.rounds={ROUNDS}", f"run.threads={threads}", f"comm.device={ctx.device.type}",
                      "comm.timeout_s=120")

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -59,6 +60,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from fedpeft_hpc.config.schema import OptimConfig
 from fedpeft_hpc.federated.client import LocalResult, train_mode
+from fedpeft_hpc.federated.memory import synchronize
 from fedpeft_hpc.federated.slots import SlotStore
 from fedpeft_hpc.federated.stacked_optim import StackedOptimizer
 from fedpeft_hpc.models.precision import compute_precision
@@ -169,6 +171,7 @@ class BatchedClientTrainer:
         self.frozen = frozen_low_precision(model, layout) if lowp and self.head is None else {}
         self.compiled = self._compile() if compile else None
         self._fused_ok = False  # a fused-attention step has run
+        self._tail: Optional[bool] = None  # run.compile, a round's tail: the compiled step is the faster one
 
     # -- the loop ------------------------------------------------------------------------
     def train(self, start: torch.Tensor, jobs: Iterable[ClientJob]) -> Iterator[tuple[int, LocalResult]]:
@@ -241,9 +244,12 @@ class BatchedClientTrainer:
                 grads = self._dp_grads(self.store.params.index_select(0, self.rows_index(rows)), xs, ys, noises,
                                        rows)
         else:
-            rows, x, y = self._padded(active, xs, ys)
+            fixed = self.compiled is not None
+            if fixed and len(active) <= TAIL_ROWS < self.slots:
+                fixed = self._tail_fixed(active, xs, ys)
+            rows, x, y = self._padded(active, xs, ys, fixed)
             index = self.rows_index(rows)
-            grads, loss_sum, correct = self._mean_step(index, len(rows), x, y)
+            grads, loss_sum, correct = self._mean_step(index, len(rows), x, y, fixed)
             with torch.no_grad():
                 self.loss_sum.index_add_(0, index, loss_sum)
                 self.correct.index_add_(0, index, correct)
@@ -256,13 +262,34 @@ class BatchedClientTrainer:
             sl.steps += 1
             sl.seen += int(y.shape[0])
 
-    def _padded(self, active: list[int], xs: list[torch.Tensor], ys: list[torch.Tensor]):
+    def _tail_fixed(self, active: list[int], xs: list[torch.Tensor], ys: list[torch.Tensor]) -> bool:
+        """In a round's tail (at most ``TAIL_ROWS`` clients left) under ``run.compile``: whether the compiled
+        step over all K slots is faster than the eager one over the clients left, measured once per trainer
+        (each way warmed up, then timed; the results are thrown away)."""
+        if self._tail is None:
+            seconds = {}
+            for fixed in (True, False):
+                rows, x, y = self._padded(active, xs, ys, fixed)
+                index = self.rows_index(rows)
+                for _ in range(2):  # warm-up, then the timed one
+                    synchronize(self.device)
+                    t0 = time.perf_counter()
+                    self._mean_step(index, len(rows), x, y, fixed)
+                    synchronize(self.device)
+                    seconds[fixed] = time.perf_counter() - t0
+            self._tail = seconds[True] <= seconds[False]
+            log.info("run.compile: with %d of %d clients left, the %s step is faster (%.1f ms compiled over every "
+                     "slot, %.1f ms eager over the clients left)", len(active), self.slots,
+                     "compiled" if self._tail else "eager", 1e3 * seconds[True], 1e3 * seconds[False])
+        return self._tail
+
+    def _padded(self, active: list[int], xs: list[torch.Tensor], ys: list[torch.Tensor], fixed: bool):
         """The rows trained in this step and their batches ``[rows, b, ...]``, padding labelled -1.
 
-        Eager: the active slots, padded to the largest mini-batch. Compiled: every slot, padded to the client
-        batch B (fixed shapes; a slot without a client gets padding only)."""
+        Not ``fixed`` (eager): the active slots, padded to the largest mini-batch. ``fixed`` (compiled): every
+        slot, padded to the client batch B (fixed shapes; a slot without a client gets padding only)."""
         sizes = [int(y.shape[0]) for y in ys]
-        if self.compiled is None:
+        if not fixed:
             if all(n == sizes[0] for n in sizes):
                 return tuple(active), torch.stack(xs), torch.stack(ys)
             return (tuple(active), pad_sequence(xs, batch_first=True),
@@ -279,13 +306,13 @@ class BatchedClientTrainer:
         y = pad_sequence(full_y, batch_first=True, padding_value=-1)[: self.slots]
         return tuple(range(self.slots)), x, y
 
-    def _mean_step(self, index: torch.Tensor, rows: int, x: torch.Tensor, y: torch.Tensor):
+    def _mean_step(self, index: torch.Tensor, rows: int, x: torch.Tensor, y: torch.Tensor, compiled: bool):
         """``_loss_grads`` in ``model.precision``; fused attention where chosen, and plain attention from here on
         (one log line) if the first fused step fails (a kernel without a vmap batching rule or backward)."""
         fused = self._fused(per_sample=False)
         try:
             with compute_precision(self.precision, self.device), self._attention(per_sample=False):
-                out = self._loss_grads(index, rows, x, y)
+                out = self._loss_grads(index, rows, x, y, compiled)
         except RuntimeError as exc:
             if not fused or self._fused_ok or self.attention == "fused":
                 raise
@@ -293,7 +320,7 @@ class BatchedClientTrainer:
                         "attention from here on", self.device, str(exc).splitlines()[0] if str(exc) else exc)
             self.attention = "plain"
             with compute_precision(self.precision, self.device), self._attention(per_sample=False):
-                out = self._loss_grads(index, rows, x, y)
+                out = self._loss_grads(index, rows, x, y, compiled)
         self._fused_ok = self._fused_ok or fused
         return out
 
@@ -312,7 +339,7 @@ class BatchedClientTrainer:
             got = self._leaves[rows] = (flat, leaves, grad_flat, list(self.store.views(grad_flat).values()))
         return got
 
-    def _loss_grads(self, index: torch.Tensor, rows: int, x: torch.Tensor, y: torch.Tensor):
+    def _loss_grads(self, index: torch.Tensor, rows: int, x: torch.Tensor, y: torch.Tensor, compiled: bool):
         """Each of the rows ``index``'s gradient of its mean loss over its own mini-batch (padding: label -1,
         weight 0), flat ``[rows, P]``; with each row's loss sum and correct count. One vmapped forward/backward
         (the forward through ``torch.compile`` under ``run.compile``)."""
@@ -323,14 +350,16 @@ class BatchedClientTrainer:
         mask = y >= 0
         n = mask.sum(1)
         weight = mask / n.clamp(min=1).unsqueeze(1).to(torch.float32)
-        if self.compiled is not None:
+        compiled = compiled and self.compiled is not None
+        if compiled:
             try:
                 loss, ce, pred = self.compiled(leaves, x, y, weight)
             except Exception as exc:  # noqa: BLE001 -- a backend that fails at its first call: eager from here on
                 log.warning("run.compile: torch.compile failed (%s: %s); the eager path is used", type(exc).__name__,
                             str(exc).splitlines()[0] if str(exc) else "")
                 self.compiled = None
-        if self.compiled is None:
+                compiled = False
+        if not compiled:
             loss, ce, pred = self._forward(leaves, x, y, weight)
         grads = torch.autograd.grad(loss, list(leaves.values()))
         with torch.no_grad():
@@ -468,6 +497,7 @@ def frozen_low_precision(model: nn.Module, layout: FlatLayout) -> dict[str, torc
     return out
 
 
+TAIL_ROWS = 2  # run.compile: with this many clients left or fewer, the faster of compiled and eager is taken
 _AUTOCAST_LAYERS = (nn.Linear,)  # convolutions under vmap + CPU autocast get an uncast input (torch 2.14)
 ATTENTION = ("auto", "plain", "fused")
 
