@@ -97,6 +97,10 @@ class DataConfig:
                                min=0.0, max=1.0, min_exclusive=True)
     synthetic_samples: int = opt(2048, "synthetic: training samples", min=1)
     synthetic_test_samples: int = opt(512, "synthetic: test samples", min=1)
+    patches_per_class: int = opt(100, "skimage_photos, skimage_science: training patches cut from each source "
+                                 "image (class)", min=1)
+    test_patches_per_class: int = opt(40, "skimage_photos, skimage_science: test patches per class, cut from "
+                                      "regions of the image no training patch touches", min=1)
 
 
 @dataclass

@@ -29,6 +29,7 @@ CLIENT_LAYERS = 16  # stochastic layers (drop path, dropout) of a client's forwa
 # 17: unused (never give a retired number to another stream)
 AUGMENT = 18
 POISSON_COHORT = 19
+PATCHES = 20  # where the skimage_* tasks cut their patches (with FIXED_SPLIT_SEED: a fixed task)
 
 FIXED_SPLIT_SEED = 0  # splits that must not move with the run seed (digits, image folders)
 
