@@ -19,4 +19,5 @@ cp "$OUT/results.md" "$OUT/results.csv" "$OUT/accuracy_vs_bytes.png" "$OUT/accur
 "$PY" tools/pivot_results.py "$OUT/results.csv" --rows peft.method --cols data.name,data.partition,privacy.mode \
     --value final_acc --value best_acc --value mb_sent --value epsilon > "$DOCS/summary.md"
 "$PY" tools/probe_gap.py "$OUT/results.csv" --markdown "$DOCS/gap.md" --plot "$DOCS/probe_gap.png"
-echo "$DOCS/: results.md, results.csv, summary.md, gap.md, accuracy_vs_bytes.png, accuracy_vs_round.png, probe_gap.png (from $OUT)"
+"$PY" tools/patch_tasks_figure.py "$DOCS/patch_tasks.png"
+echo "$DOCS/: results.md, results.csv, summary.md, gap.md, accuracy_vs_bytes.png, accuracy_vs_round.png, probe_gap.png, patch_tasks.png (from $OUT)"
