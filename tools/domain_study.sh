@@ -16,7 +16,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's fedpeft_
 "$PY" -m fedpeft_hpc report "$OUT" --panels data.name >/dev/null
 mkdir -p "$DOCS"
 cp "$OUT/results.md" "$OUT/results.csv" "$OUT/accuracy_vs_bytes.png" "$OUT/accuracy_vs_round.png" "$DOCS/"
-"$PY" tools/pivot_results.py "$OUT/results.csv" --rows peft.method --cols data.name,data.partition,privacy.mode \
+"$PY" tools/pivot_results.py "$OUT/results.csv" --rows data.name,peft.method --cols data.partition,privacy.mode \
     --value final_acc --value best_acc --value mb_sent --value epsilon > "$DOCS/summary.md"
 "$PY" tools/probe_gap.py "$OUT/results.csv" --markdown "$DOCS/gap.md" --plot "$DOCS/probe_gap.png"
 "$PY" tools/patch_tasks_figure.py "$DOCS/patch_tasks.png"
