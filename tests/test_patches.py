@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 
-pytest.importorskip("skimage")
-
-from fedpeft_hpc.config.schema import DataConfig  # noqa: E402
-from fedpeft_hpc.data import ImageSpec, build_datasets  # noqa: E402
-from fedpeft_hpc.data.patches import (GRID, MIN_STD, PATCH_PX, TASKS, block_edges, cut_patches,  # noqa: E402
-                                      patch_layout, source_image, held_out_blocks)
-from tests.conftest import QUICKSTART, REPO, run_cli, tiny_overrides  # noqa: E402
+from fedpeft_hpc.config.schema import DataConfig
+from fedpeft_hpc.data import ImageSpec, build_datasets
+from fedpeft_hpc.data.patches import (GRID, MIN_STD, PATCH_PX, TASKS, block_edges, cut_patches, held_out_blocks,
+                                      patch_layout, source_image)
+from tests.conftest import QUICKSTART, REPO, run_cli, tiny_overrides
 
 SPEC = ImageSpec(16)
+needs_skimage = pytest.mark.skipif(importlib.util.find_spec("skimage") is None,
+                                   reason="scikit-image is not installed (pip install -e '.[images]')")
 
 
+@needs_skimage
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_train_and_test_footprints_never_overlap(task):
     lay = patch_layout(task, 100, 40)
@@ -35,6 +37,7 @@ def test_train_and_test_footprints_never_overlap(task):
         assert not set(map(tuple, tr.blocks[a].tolist())) & held_out
 
 
+@needs_skimage
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_patches_inside_their_block_and_not_flat(task):
     lay = patch_layout(task, 100, 40)
@@ -52,6 +55,7 @@ def test_patches_inside_their_block_and_not_flat(task):
             assert (s.xs[m] >= xe[c]).all() and (s.xs[m] + PATCH_PX <= xe[c + 1]).all()
 
 
+@needs_skimage
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_dataset_balanced_fixed_and_seed_independent(task):
     cfg = DataConfig(name=task, patches_per_class=30, test_patches_per_class=10)
@@ -67,6 +71,7 @@ def test_dataset_balanced_fixed_and_seed_independent(task):
     assert tuple(x.shape) == (3, 16, 16) and y == 0
 
 
+@needs_skimage
 def test_train_and_inspect_on_a_patch_task(tmp_path, pretrained_ckpt):
     run = tmp_path / "run"
     r = run_cli("train", str(QUICKSTART), *tiny_overrides(run, "data.name=skimage_science", "model.num_classes=8",
