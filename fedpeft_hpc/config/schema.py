@@ -122,6 +122,10 @@ class DataConfig:
                                       "in partition.json) to measure personal_acc: each client's own model (global "
                                       "state + its local parts + its LoRA rank) on its own held-out samples",
                                       min=0.0, max=1.0, max_exclusive=True)
+    patches_per_class: int = opt(100, "skimage_photos, skimage_science: training patches cut from each source "
+                                 "image (class)", min=1)
+    test_patches_per_class: int = opt(40, "skimage_photos, skimage_science: test patches per class, cut from "
+                                      "regions of the image no training patch touches", min=1)
 
 
 @dataclass
