@@ -31,6 +31,8 @@ AUGMENT = 18
 POISSON_COHORT = 19
 CLIENT_TEST = 20  # which of a client's samples it holds out (data.client_test_fraction)
 LORA_TIERS = 21  # which clients get which LoRA rank (peft.lora_ranks)
+COMPRESS_UP = 22  # stochastic rounding of a client's encoded update (fed.compress_up)
+COMPRESS_DOWN = 23  # stochastic rounding of the round's encoded global state (fed.compress_down)
 
 FIXED_SPLIT_SEED = 0  # splits that must not move with the run seed (digits, image folders)
 
