@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -23,7 +21,7 @@ from fedpeft_hpc.runs.client_state import ClientStateStore
 from fedpeft_hpc.train import train
 from fedpeft_hpc.utils.files import read_jsonl
 from fedpeft_hpc.utils.streams import torch_generator
-from tests.conftest import BIN, QUICKSTART, run_cli, subprocess_env, tiny_overrides
+from tests.conftest import BIN, QUICKSTART, kill_after_rounds, run_cli, subprocess_env, tiny_overrides
 
 BIAS = 3082  # bias terms + head of the quickstart model (fedpeft-hpc inspect)
 
@@ -236,15 +234,7 @@ def test_a_killed_run_with_error_feedback_resumes_to_the_same_bits(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     slow = "fed.local_epochs=3"
     subprocess.run(_cmd(full, slow), check=True, env=subprocess_env(), capture_output=True, timeout=300)
-    proc = subprocess.Popen(_cmd(cut, slow), env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (cut / "metrics.jsonl").is_file() and len(read_jsonl(cut / "metrics.jsonl")) >= 3:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_rounds(_cmd(cut, slow), cut, 3)
     assert not (cut / "summary.json").exists(), "killed too late: the run had finished"
     subprocess.run(_cmd(cut, slow), check=True, env=subprocess_env(), capture_output=True, timeout=300)
     _same_runs(full, cut, 0.0)

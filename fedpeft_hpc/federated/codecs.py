@@ -26,7 +26,9 @@ The random numbers of stochastic rounding come from a ``torch.Generator`` the ca
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -51,20 +53,48 @@ class Encoded:
         return self.header_bytes + sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-class Codec:
+class Codec(ABC):
+    """One encoding: ``encode`` a flat vector (``gen``: the stochastic rounding's random numbers), ``decode`` it
+    back to fp32, its ``size`` in bytes for ``n`` values, its per-element ``error_bound``."""
+
+    name: str
+
+    @abstractmethod
+    def encode(self, x: torch.Tensor, gen: torch.Generator | None = None) -> Encoded: ...
+
+    def decode(self, enc: Encoded) -> torch.Tensor:
+        return enc.tensors["values"].to(torch.float32)
+
+    @abstractmethod
+    def size(self, n: int) -> int:
+        """Bytes ``encode`` produces for ``n`` values (every codec here: whatever the values)."""
+
+    @abstractmethod
+    def error_bound(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-element bound on ``|decode(encode(x)) - x|`` (see the module docstring)."""
+
+
+_REGISTRY: dict[str, Callable[[int, float], Codec]] = {}
+
+
+def register_codec(name: str):
+    """``@register_codec("int8")`` on a factory ``(block, topk_fraction) -> Codec``."""
+    def wrap(factory):
+        _REGISTRY[name] = factory
+        return factory
+    return wrap
+
+
+class Fp32Codec(Codec):
     name = "none"
 
     def encode(self, x: torch.Tensor, gen: torch.Generator | None = None) -> Encoded:
         return Encoded(self.name, x.numel(), {"values": x.detach().reshape(-1).to(torch.float32).clone()})
 
-    def decode(self, enc: Encoded) -> torch.Tensor:
-        return enc.tensors["values"].to(torch.float32)
-
     def size(self, n: int) -> int:
         return 4 * n
 
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-element bound on ``|decode(encode(x)) - x|`` (see the module docstring)."""
         return torch.zeros_like(x, dtype=torch.float32)
 
 
@@ -175,22 +205,19 @@ class TopKCodec(Codec):
         return torch.minimum(a, kth.expand_as(a))
 
 
+register_codec("none")(lambda block, fraction: Fp32Codec())
+register_codec("fp16")(lambda block, fraction: HalfCodec("fp16"))
+register_codec("bf16")(lambda block, fraction: HalfCodec("bf16"))
+register_codec("int8")(lambda block, fraction: IntCodec("int8", block))
+register_codec("int4")(lambda block, fraction: IntCodec("int4", block))
+register_codec("topk")(lambda block, fraction: TopKCodec(fraction))
+
+
 def build_codec(name: str, block: int = 256, topk_fraction: float = 0.1) -> Codec:
-    if name == "none":
-        return Codec()
-    if name in ("fp16", "bf16"):
-        return HalfCodec(name)
-    if name in ("int8", "int4"):
-        return IntCodec(name, block)
-    if name == "topk":
-        return TopKCodec(topk_fraction)
-    raise ValueError(f"unknown codec {name!r}; one of {', '.join(CODECS)}")
-
-
-def roundtrip(codec: Codec, x: torch.Tensor, gen: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
-    """``decode(encode(x))`` shaped like ``x`` and the bytes the encoding took."""
-    enc = codec.encode(x, gen)
-    return codec.decode(enc).to(x.device).view_as(x), enc.nbytes
+    """The codec ``name`` (``block``: values per int8/int4 scale; ``topk_fraction``: the share top-k sends)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown codec {name!r}; one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name](block, topk_fraction)
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:

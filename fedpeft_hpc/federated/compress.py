@@ -25,13 +25,13 @@ import torch
 
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.federated.codecs import Codec, build_codec
-from fedpeft_hpc.runs.client_state import ClientStateStore, remove_store
+from fedpeft_hpc.runs.client_state import ClientStateStore, StoreRounds, open_recovered
 from fedpeft_hpc.utils.streams import COMPRESS_DOWN, COMPRESS_UP, torch_generator
 
 RESIDUAL_DIR = "client_state_residual"
 
 
-class Compression:
+class Compression(StoreRounds):
     def __init__(self, cfg: Config, init_vec: torch.Tensor, run_dir: Path):
         fed = cfg.fed
         self.seed = cfg.seed
@@ -57,40 +57,18 @@ class Compression:
         return {"up": self.up_name, "down": self.down_name, "error_feedback": self.error_feedback,
                 "bytes_up_per_transfer": self.up_bytes, "bytes_down_per_transfer": self.down_bytes}
 
-    # -- the residual store (same life cycle as the local parts' store) ------------------------------
+    # -- the residual store (same life cycle as the local parts' store; StoreRounds: the round hooks) -----
     def _init(self) -> dict[str, torch.Tensor]:
         return {"residual": torch.zeros(self.n, dtype=torch.float32)}
 
     def open_store(self, is_main: bool, resume_round: int | None) -> None:
         """Rank 0, before the ranks agree on the start: the residuals as of the checkpoint (none: fresh)."""
-        if not self.error_feedback or not is_main:
-            return
-        if resume_round is None:
-            remove_store(self.store_dir)
-        store = ClientStateStore(self.store_dir, self._init(), self.num_clients)
-        store.recover(resume_round or 0)
-        store.close()
+        if self.error_feedback and is_main:
+            open_recovered(self.store_dir, self._init(), self.num_clients, resume_round)
 
     def attach_store(self) -> None:
         if self.error_feedback:
             self.store = ClientStateStore(self.store_dir, self._init(), self.num_clients)
-
-    def end_round(self, round_idx: int, rank: int) -> None:
-        if self.store is not None:
-            self.store.end_round(round_idx, rank)
-
-    def after_aggregate(self, round_idx: int) -> None:
-        if self.store is not None:
-            self.store.index_round(round_idx)
-
-    def after_checkpoint(self, round_idx: int, rank: int) -> None:
-        if self.store is not None:
-            self.store.compact(round_idx, rank)
-
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
-            self.store = None
 
     def residual(self, client: int) -> torch.Tensor:
         """Client ``client``'s error-feedback residual (zeros before its first encoding)."""
