@@ -253,3 +253,31 @@ def test_bad_compression_settings_exit_2(extra, key):
     res = run_cli("inspect", str(QUICKSTART), *extra)
     assert res.returncode == 2 and res.stderr.startswith(f"fedpeft-hpc: error: {key}"), res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_clients_train_from_exactly_the_decoded_global_state(tmp_path, monkeypatch):
+    from fedpeft_hpc.federated.compress import Compression as Comp
+    from fedpeft_hpc.utils.streams import COMPRESS_DOWN
+
+    sent, starts = [], []
+    real_down, real_train = Comp.downlink, engine.local_train
+
+    def down(self, round_idx, global_vec):
+        out = real_down(self, round_idx, global_vec)
+        sent.append((round_idx, global_vec.clone(), self.init_vec.clone(), out))
+        return out
+
+    def train_spy(model, params, layout, start, *args, **kwargs):
+        starts.append(start)
+        return real_train(model, params, layout, start, *args, **kwargs)
+
+    monkeypatch.setattr(Comp, "downlink", down)
+    monkeypatch.setattr(engine, "local_train", train_spy)
+    cfg, s = _run(tmp_path, "r", "peft.method=bias", "fed.compress_down=int4")
+    codec = build_codec("int4", 256, 0.1)
+    for round_idx, global_vec, init, out in sent:
+        enc = codec.encode(global_vec - init, torch_generator(cfg.seed, COMPRESS_DOWN, round_idx))
+        assert torch.equal(out, init + codec.decode(enc))
+    assert not torch.equal(sent[-1][3], sent[-1][1])  # lossy: not the server's exact state
+    assert len(starts) == 2 * 4 and all(any(st is o for *_, o in sent) for st in starts)
+    assert s["bytes_down_total"] == 2 * 4 * hand_bytes("int4", BIAS)
