@@ -133,6 +133,12 @@ def test_ledger_counts_the_encoded_payloads(tmp_path):
     assert any(r["dropped"] for r in rows)
     assert s["bytes_up_total"] == sum(r["bytes_up"] for r in rows)
     assert s["bytes_up_per_transfer"] == hand_bytes("int8", n) and s["compress_up"] == "int8"
+    # the report: MB up and the ratio in the table, accuracy against the uplink's bytes
+    from fedpeft_hpc.report import write_report
+
+    out, md = write_report(tmp_path / "r")
+    assert out["accuracy_vs_bytes_up.png"].is_file()
+    assert "MB up" in md and f"{s['bytes_up_total'] / 1e6:,.3f}" in md
 
 
 def test_inspect_shows_bytes_per_transfer_per_encoding():
