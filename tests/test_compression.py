@@ -118,21 +118,23 @@ def _run(tmp_path, name, *extra):
     return cfg, train(cfg)
 
 
-def test_ledger_counts_the_encoded_payloads(tmp_path):
-    _, s = _run(tmp_path, "r", "peft.method=bias", "fed.compress_up=int8", "fed.compress_down=topk",
+@pytest.mark.parametrize("up, down", [("int8", "topk"), ("fp16", "none"), ("bf16", "int4"), ("int4", "fp16"),
+                                      ("topk", "int8")])
+def test_ledger_counts_the_encoded_payloads(tmp_path, up, down):
+    _, s = _run(tmp_path, "r", "peft.method=bias", f"fed.compress_up={up}", f"fed.compress_down={down}",
                 "fed.dropout=0.3", "fed.rounds=3")
     n = s["trainable_params"]
     assert n == BIAS and s["bytes_per_transfer"] == 4 * n
     rows = read_jsonl(tmp_path / "r" / "metrics.jsonl")
     for r in rows:
         returned = r["clients"] + r["rejected"]
-        assert r["bytes_up"] == returned * hand_bytes("int8", n)
-        assert r["bytes_down"] == r["sampled"] * hand_bytes("topk", n)
+        assert r["bytes_up"] == returned * hand_bytes(up, n)
+        assert r["bytes_down"] == r["sampled"] * hand_bytes(down, n)
         raw = (r["sampled"] + returned) * 4 * n
         assert r["compression_ratio"] == pytest.approx(raw / (r["bytes_up"] + r["bytes_down"]))
     assert any(r["dropped"] for r in rows)
     assert s["bytes_up_total"] == sum(r["bytes_up"] for r in rows)
-    assert s["bytes_up_per_transfer"] == hand_bytes("int8", n) and s["compress_up"] == "int8"
+    assert s["bytes_up_per_transfer"] == hand_bytes(up, n) and s["compress_up"] == up
     # the report: MB up and the ratio in the table, accuracy against the uplink's bytes
     from fedpeft_hpc.report import write_report
 
