@@ -181,16 +181,19 @@ def _launch_args(p: argparse.ArgumentParser, wait_help: str, dry_run_help: str) 
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from fedpeft_hpc.bench.context import KNOBS
     from fedpeft_hpc.bench.run import run_bench
 
     setup_logging("warning")
     flags = [f"--suite {args.suite}", f"--device {args.device}"] + (["--json"] if args.json else []) \
         + (["--profile"] if args.profile else []) + ([f"--only {args.only}"] if args.only else []) \
         + ([f"--threads {args.threads}"] if args.threads else [])
+    knobs = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
+    flags += [f"--{k.replace('_', '-')} {v}" for k, v in knobs.items()]
     return run_bench(suite=args.suite, device=args.device, as_json=args.json,
                      markdown=None if args.no_markdown else args.markdown, profile_ops=args.profile,
                      only=[m for m in args.only.split(",") if m] if args.only else None, threads=args.threads,
-                     command="fedpeft-hpc bench " + " ".join(flags))
+                     command="fedpeft-hpc bench " + " ".join(flags), knobs=knobs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,8 +312,10 @@ def _add_bench_command(sub) -> None:
                                    "(e.g. batched over sequential client training, or a federated round over "
                                    "centralized training at the same total batch). Prints a table and appends it "
                                    "to BENCHMARKS.md; --json prints one JSON object with batched_speedup, "
-                                   "batching_bound, fl_efficiency, aggregation_share, memory_per_client_ratio and "
-                                   "two_rank_speedup. The quick CPU suite takes a few minutes on 2 cores.")
+                                   "batching_bound, fl_efficiency, aggregation_share, memory_per_client_ratio, "
+                                   "two_rank_speedup, ops_per_step and host_syncs_per_step. --method, --clients, "
+                                   "--batch-size, --precision, --model and --steps narrow the suite's profile. The "
+                                   "quick CPU suite takes a few minutes on 2 cores.")
     p.add_argument("--suite", choices=("quick", "full"), default="quick",
                    help="quick: small model, headline sizes; full: larger model, every method at 8/32/128 clients")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -327,6 +332,16 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--only", default=None, metavar="NAMES",
                    help="comma-separated measurements to run (clients, rounds, memory, ranks, data; "
                         "clients_dp in the full suite)")
+    p.add_argument("--method", default=None, help="the one PEFT method measured (and of the JSON keys; default: "
+                                                   "bias for the keys, every method in the table)")
+    p.add_argument("--clients", type=int, default=None, metavar="K", help="clients per rank (default: the suite's)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B", help="client batch (default: the suite's)")
+    p.add_argument("--precision", default=None, help="model.precision: fp32, tf32 or bf16 (default: fp32 on CPU, "
+                                                      "bf16 on CUDA)")
+    p.add_argument("--model", default=None, help="quickstart, vit_tiny (32 px) or vit_base (ViT-B/16, 224 px) "
+                                                  "(default: the suite's)")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="local steps per client in the client "
+                                                                         "measurements (default: the suite's)")
     p.set_defaults(func=cmd_bench)
 
 

@@ -52,22 +52,24 @@ OPTIMS = {
 @pytest.mark.parametrize("optim", list(OPTIMS))
 def test_stacked_optimizer_is_torch_optim_per_row(optim):
     """Rows step at different times (a slot is refilled mid-way): each row follows its own torch.optim."""
+    from fedpeft_hpc.federated.slots import SlotStore
+
     cfg = load_config(QUICKSTART, OPTIMS[optim]).optim
     g = torch.Generator().manual_seed(0)
     shapes = {"a": (4, 3), "b": (5,)}
-    stacked = {n: torch.zeros(3, *s) for n, s in shapes.items()}
-    opt = StackedOptimizer(stacked, cfg)
+    store = SlotStore(FlatLayout({n: torch.zeros(s) for n, s in shapes.items()}), 3, "cpu")
+    stacked = store.views()
+    opt = StackedOptimizer(store, cfg)
     # which rows step at each step; at step 3 row 1 gets a new client (reset) that then steps on
     plan = [[0, 1, 2], [0, 1, 2], [0, 2], "reset1", [0, 1], [1, 2], [0, 1, 2], [1]]
     clients: dict[int, tuple[dict, torch.optim.Optimizer]] = {}
 
     def new_client(row: int) -> None:
         init = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
-        for n in shapes:
-            stacked[n][row] = init[n]
+        store.load(row, init)
         ref = {n: torch.nn.Parameter(init[n].clone()) for n in shapes}
         clients[row] = (ref, make_optimizer(ref.values(), cfg))
-        opt.reset([row])
+        store.reset_buffers(row)
 
     for row in range(3):
         new_client(row)
@@ -77,9 +79,13 @@ def test_stacked_optimizer_is_torch_optim_per_row(optim):
             new_client(1)
             continue
         grads = {n: torch.randn(len(rows), *s, generator=g) for n, s in shapes.items()}
+        full = {n: torch.randn(3, *s, generator=torch.Generator().manual_seed(9)) for n, s in shapes.items()}
+        for n in shapes:  # the idle rows get a gradient too: it must be ignored
+            full[n][rows] = grads[n]
+        active = torch.tensor([r in rows for r in range(3)])
         idle = [r for r in range(3) if r not in rows]
         idle_before = {n: stacked[n][idle].clone() for n in shapes}
-        opt.step(rows, grads)
+        opt.step(torch.cat([full[n].reshape(3, -1) for n in store.layout.names], dim=1), active)
         for i, r in enumerate(rows):
             ref, ref_opt = clients[r]
             for n in shapes:

@@ -51,9 +51,12 @@ def test_clients_and_rounds_measure_ratios_of_this_run(tmp_path, tiny_profile, m
     rows = batched_vs_sequential(ctx) + rounds(ctx) + batched_vs_opacus(ctx)
     assert read and set(read) == {DeviceBatches}
     by_key = {r.key: r for r in rows if r.key}
-    assert set(by_key) == {"batched_speedup", "batching_bound", "fl_efficiency", "aggregation_share"}
+    assert set(by_key) == {"batched_speedup", "batching_bound", "fl_efficiency", "aggregation_share", "ops_per_step",
+                           "host_syncs_per_step"}
+    assert by_key["host_syncs_per_step"].value == 0 and by_key["host_syncs_per_step"].met
     for r in rows:
-        assert r.value is not None and math.isfinite(r.value) and r.value > 0, r
+        if r.key != "host_syncs_per_step":
+            assert r.value is not None and math.isfinite(r.value) and r.value > 0, r
     speed = by_key["batched_speedup"].extra
     assert by_key["batched_speedup"].value == pytest.approx(
         speed["batched_samples_per_s"] / speed["sequential_samples_per_s"])
@@ -104,7 +107,9 @@ def test_cuda_profile_is_the_paper_model():
 
 
 @pytest.mark.parametrize("args, words", [(("--device", "cuda"), "no CUDA GPU"), (("--only", "clients,nope"), "nope"),
-                                         (("--threads", "-1"), "--threads")])
+                                         (("--threads", "-1"), "--threads"), (("--method", "nope"), "--method"),
+                                         (("--clients", "0"), "--clients"), (("--precision", "fp8"), "--precision"),
+                                         (("--model", "resnet"), "--model"), (("--steps", "0"), "--steps")])
 def test_bad_options_exit_2(tmp_path, args, words):
     if args[0] == "--device" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -112,3 +117,22 @@ def test_bad_options_exit_2(tmp_path, args, words):
     assert res.returncode == 2, res.stderr[-2000:]
     assert words in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "BENCHMARKS.md").exists()
+
+
+def test_knobs_narrow_the_profile_and_the_step_counts_are_keys(tmp_path):
+    """--method/--clients/--batch-size/--precision/--steps choose what is measured; the JSON carries
+    ops_per_step (top-level operators of one batched optimizer step) and host_syncs_per_step (0: nothing in
+    a step waits for the host)."""
+    res = run_cli("bench", "--only", "clients", "--method", "lora", "--clients", "3", "--batch-size", "4", "--steps",
+                  "2", "--precision", "bf16", "--threads", "1", "--json", "--no-markdown", cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["host_syncs_per_step"] == 0
+    assert 20 < out["ops_per_step"] < 1000
+    assert out["batched_speedup"] > 0 and "--method lora" in out["command"]
+    settings = {r["setting"] for r in out["rows"]}
+    assert settings == {"lora, 3 clients x batch 4"}, settings
+    steps = next(r for r in out["rows"] if r.get("key") == "ops_per_step")
+    assert "2 steps of 3 clients" in steps["detail"]
+    p = context.with_knobs(context.PROFILES[("cpu", "quick")], precision="bf16", model="vit_tiny")
+    assert p.precision == "bf16" and p.model == context.MODELS["vit_tiny"] and p.headline_method == "bias"

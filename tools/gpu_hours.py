@@ -113,8 +113,13 @@ def gpu_hours(work: list[dict], seconds: dict) -> float | None:
     return total / 3600
 
 
-def table(probe_file: Path | None) -> str:
+def table(probe_file: Path | None, train_speedup: float = 1.0) -> str:
+    """``train_speedup``: every trained image takes 1/F of the probe's time (an estimate for a precision the
+    probe did not run, e.g. bf16 from an fp32 probe); evaluation (always fp32) keeps its time."""
     seconds = json.loads(probe_file.read_text())["seconds"] if probe_file else {}
+    if train_speedup != 1.0:
+        seconds = {k: ({**v, "train_image_s": v["train_image_s"] / train_speedup} if "train_image_s" in v else v)
+                   for k, v in seconds.items()}
     head = "| sweep | runs | images trained | images evaluated | GPU-hours |"
     lines = [head, "|---|---|---|---|---|"]
     for path in sorted(SWEEPS.glob("*.yaml")):
@@ -136,11 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="applied last (e.g. model.precision)")
     t = sub.add_parser("table", help="Markdown table of every paper sweep (GPU-hours need a probe file)")
     t.add_argument("probe", type=Path, nargs="?", help="the JSON that `probe` wrote")
+    t.add_argument("--train-speedup", type=float, default=1.0, metavar="F",
+                   help="estimate: training F times faster than probed (e.g. 2.66 for bf16 from an fp32 probe on "
+                        "an H200); evaluation keeps its probed time")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))  # this checkout's fedpeft_hpc
     if args.cmd == "probe":
         return probe(args.out, args.config, args.overrides)
-    print(table(args.probe))
+    if args.train_speedup <= 0:
+        ap.error(f"--train-speedup must be > 0, got {args.train_speedup}")
+    print(table(args.probe, args.train_speedup))
     return 0
 
 

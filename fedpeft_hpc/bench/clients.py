@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fedpeft_hpc.bench.context import HEADLINE_METHOD, BenchContext
+from fedpeft_hpc.bench.context import BenchContext
 from fedpeft_hpc.bench.registry import Row, at_least, register_measurement
 from fedpeft_hpc.federated.memory import peak_memory
 
@@ -71,7 +71,7 @@ def batched_vs_sequential(ctx: BenchContext) -> list[Row]:
             t_seq, t_bat, t_b, t_kb = t["seq"], t["batched"], t["central_b"], t["central_kb"]
             samples = k * p.steps * p.batch
             speedup, bound = t_seq / t_bat, t_b / t_kb
-            headline = method == HEADLINE_METHOD and k == p.headline_clients
+            headline = method == ctx.profile.headline_method and k == p.headline_clients
             setting = f"{method}, {k} clients x batch {p.batch}"
             peak_bytes, mem = None, ""
             if ctx.device.type == "cuda":  # a CPU process's resident set hides reused memory
@@ -92,10 +92,26 @@ def batched_vs_sequential(ctx: BenchContext) -> list[Row]:
                 Row("batched / centralized at K*B", setting, t_kb / t_bat, ">= 0.9", at_least(t_kb / t_bat, 0.9)),
                 Row("sequential / centralized at B", setting, t_b / t_seq, ">= 0.95", at_least(t_b / t_seq, 0.95)),
             ]
+            if headline:
+                rows += _step_rows(ctx, model, layout, start, cfg, small, k, setting)
             if ctx.profile_ops and headline:
                 ctx.profiles.append(_op_profile(ctx, model, layout, start, cfg, small, big, k))
         ctx.release()
     return rows
+
+
+def _step_rows(ctx, model, layout, start, cfg, batches, k: int, setting: str) -> list[Row]:
+    """Operators launched and host round trips per optimizer step of the batched trainer (``step_counts``)."""
+    from fedpeft_hpc.bench.step_counts import step_counts
+    from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob
+
+    trainer = BatchedClientTrainer(model, layout, cfg.optim, k, ctx.device, cfg.model.precision)
+    c = step_counts(trainer, start, [ClientJob(i, lambda: batches) for i in range(k)])
+    how = "set_sync_debug_mode" if ctx.device.type == "cuda" else "value reads and tensors from Python data"
+    return [Row("batched step: top-level operators per optimizer step", setting, c["ops_per_step"],
+                detail=f"torch.profiler, {c['steps']} steps of {k} clients", key="ops_per_step"),
+            Row("batched step: host round trips per optimizer step", setting, c["host_syncs_per_step"], "0",
+                c["host_syncs_per_step"] == 0, detail=how, key="host_syncs_per_step")]
 
 
 def _op_profile(ctx, model, layout, start, cfg, small, big, k: int) -> str:
@@ -130,8 +146,8 @@ def batched_vs_opacus(ctx: BenchContext) -> list[Row]:
 
     p = ctx.profile
     k = p.headline_clients
-    model, layout, start, cfg, spec = ctx.model(HEADLINE_METHOD)
-    dp_cfg = ctx.config(f"peft.method={HEADLINE_METHOD}", "privacy.mode=sample", "privacy.noise_multiplier=1.0")
+    model, layout, start, cfg, spec = ctx.model(ctx.profile.headline_method)
+    dp_cfg = ctx.config(f"peft.method={p.headline_method}", "privacy.mode=sample", "privacy.noise_multiplier=1.0")
     sizes = [p.batch * p.steps] * k
     dp = SampleDP(dp_cfg.privacy, dp_cfg.fed, dp_cfg.data, client_sizes=sizes, schedule=Schedule(0, k, k, 0.0),
                   seed=0, device=ctx.device)
@@ -142,7 +158,7 @@ def batched_vs_opacus(ctx: BenchContext) -> list[Row]:
     twin_params = peft_params(twin)
     wrapped = dp.wrap_model(twin)
     small, _ = _pool(ctx, spec, k)
-    ctx.status(f"clients_dp: {HEADLINE_METHOD}, {k} clients")
+    ctx.status(f"clients_dp: {ctx.profile.headline_method}, {k} clients")
 
     def opacus():
         for c in range(k):
@@ -157,6 +173,6 @@ def batched_vs_opacus(ctx: BenchContext) -> list[Row]:
 
     t = ctx.best_times({"opacus": opacus, "batched": batched})
     ctx.release()
-    return [Row("batched DP-SGD vs Opacus clients one after another", f"{HEADLINE_METHOD}, {k} clients x batch "
+    return [Row("batched DP-SGD vs Opacus clients one after another", f"{p.headline_method}, {k} clients x batch "
                 f"{p.batch}, sample-level DP", t["opacus"] / t["batched"],
                 detail=f"{k / t['opacus']:.1f} -> {k / t['batched']:.1f} client-updates/s")]

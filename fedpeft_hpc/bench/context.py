@@ -9,6 +9,7 @@ Models are randomly initialised: throughput does not depend on the weights.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -41,6 +42,55 @@ class Profile:
     samples_per_client: int  # per client in the round measurements
     hosted: tuple = (10, 1000)
     hosted_samples: int = 4000
+    headline_method: str = HEADLINE_METHOD  # the method of the CONTRACT keys
+
+
+# ``fedpeft-hpc bench --model NAME``: the models a profile can be pointed at
+MODELS = {
+    "quickstart": (),
+    "vit_tiny": ("model.img_size=32", "model.kwargs={patch_size: 4}"),
+    "vit_base": ("model.name=vit_base_patch16_224", "model.img_size=224", "model.kwargs={}", "model.num_classes=100"),
+}
+KNOBS = ("method", "clients", "batch_size", "precision", "model", "steps")
+
+
+def with_knobs(profile: Profile, method: Optional[str] = None, clients: Optional[int] = None,
+               batch_size: Optional[int] = None, precision: Optional[str] = None, model: Optional[str] = None,
+               steps: Optional[int] = None) -> Profile:
+    """``profile`` narrowed to the settings given on the command line (``None``: the profile's own)."""
+    from fedpeft_hpc.errors import ConfigError
+    from fedpeft_hpc.models.precision import PRECISIONS
+
+    changes: dict = {}
+    if method is not None:
+        if method not in METHODS:
+            raise ConfigError("--method", f"{method!r}: one of {', '.join(METHODS)}")
+        changes.update(methods=(method,), all_k=(method,), headline_method=method)
+    if clients is not None:
+        if clients < 1:
+            raise ConfigError("--clients", f"must be >= 1, got {clients}")
+        changes.update(clients=(clients,), headline_clients=clients)
+    for flag, value in (("--batch-size", batch_size), ("--steps", steps)):
+        if value is not None and value < 1:
+            raise ConfigError(flag, f"must be >= 1, got {value}")
+    if batch_size is not None:
+        changes["batch"] = batch_size
+    if steps is not None:
+        changes["steps"] = steps
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise ConfigError("--precision", f"{precision!r}: one of {', '.join(PRECISIONS)}")
+        changes["precision"] = precision
+    if model is not None:
+        if model not in MODELS:
+            raise ConfigError("--model", f"{model!r}: one of {', '.join(MODELS)}")
+        changes["model"] = MODELS[model]
+    if not changes:
+        return profile
+    what = ", ".join(f"{k}={v}" for k, v in (("method", method), ("model", model), ("precision", precision),
+                                               ("clients", clients), ("batch", batch_size), ("steps", steps))
+                     if v is not None)
+    return dataclasses.replace(profile, title=f"{profile.title} [{what}]", **changes)
 
 
 _VIT_B = ("model.name=vit_base_patch16_224", "model.img_size=224", "model.kwargs={}", "model.num_classes=100")
@@ -65,10 +115,10 @@ BASE = ("model.pretrained=false", "model.checkpoint=null", "model.pretrain_recip
 
 class BenchContext:
     def __init__(self, suite: str, device: torch.device, workdir: Path, status: Optional[Callable[[str], None]] = None,
-                 profile_ops: bool = False):
+                 profile_ops: bool = False, knobs: Optional[dict] = None):
         self.suite = suite
         self.device = torch.device(device)
-        self.profile = PROFILES[(self.device.type, suite)]
+        self.profile = with_knobs(PROFILES[(self.device.type, suite)], **(knobs or {}))
         self.workdir = Path(workdir)
         self._status = status
         self.profile_ops = profile_ops

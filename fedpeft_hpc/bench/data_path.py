@@ -4,10 +4,11 @@
 
 - per shape (``quickstart``: digits in memory, the quickstart ViT, bias, batch 32;
   ``vit_b16_224``: ViT-B/16 at 224 px, bias, batch 32, on an image folder of 256 px JPEGs the
-  bench writes itself, cached at 224 px), for one client's local epochs:
+  bench writes itself, cached at 224 px), for 4 clients' local epochs trained together on the
+  batched path (``BatchedClientTrainer``) at the bench's ``model.precision``:
   ``data_images_per_s`` (the data path alone: gather, move, augment, prepare, synchronised),
-  ``model_images_per_s`` (local training on batches made beforehand, already on the device),
-  ``round_images_per_s`` (local training fed by the real data path) and ``data_share``
+  ``model_images_per_s`` (batched training on batches made beforehand, already on the device),
+  ``round_images_per_s`` (batched training fed by the real data path) and ``data_share``
   (1 - model time / round time: the part of the round the data path adds);
 - ``issue``: the measurement of issue 13 (2-block ViT at 32 px, embed 64, bias, 10 clients x
   100 images x 2 epochs per round, batch 32, every client each round): seconds per round for
@@ -79,38 +80,45 @@ def _federated_run(overrides: list[str], run_dir: Path, device: torch.device):
     return cfg, trainer
 
 
-def shape_row(overrides: list[str], work: Path, device: torch.device, epochs: int, repeats: int) -> dict:
-    """Images/s of the data path alone, the model step alone and both, for one client holding all data."""
-    from fedpeft_hpc.federated.client import local_train, make_optimizer
+def shape_row(overrides: list[str], work: Path, device: torch.device, epochs: int, repeats: int,
+              clients: int = 4) -> dict:
+    """Images/s of the data path alone, the model step alone and both, for ``clients`` clients trained together
+    on the batched path (``BatchedClientTrainer``, one slot each) at the config's ``model.precision``."""
+    from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob
 
-    cfg, run = _federated_run(["fed.num_clients=1", "fed.clients_per_round=1", "data.partition=iid",
-                               f"fed.local_epochs={epochs}", *overrides], work / "run", device)
-    idx = run.fed.client_indices[0]
-    n_images = len(idx) * epochs
+    cfg, run = _federated_run([f"fed.num_clients={clients}", f"fed.clients_per_round={clients}",
+                               "data.partition=iid", f"fed.local_epochs={epochs}", *overrides], work / "run", device)
+    parts = [run.fed.client_indices[c] for c in range(clients)]
+    n_images = sum(len(idx) for idx in parts) * epochs
 
-    def batches():
-        gen = torch.Generator().manual_seed(0)
-        source = run.sources.client(torch.Generator().manual_seed(1))
-        return run.fed.privacy.client_batches(source, idx, cfg.data.batch_size, epochs, gen, cfg.data.num_workers)
+    def batches(c: int):
+        gen = torch.Generator().manual_seed(c)
+        source = run.sources.client(torch.Generator().manual_seed(100 + c))
+        return run.fed.privacy.client_batches(source, parts[c], cfg.data.batch_size, epochs, gen,
+                                              cfg.data.num_workers)
 
     def data_only():
-        for x, _ in batches():
-            x.sum()  # touch: the batch really exists on the device
+        for c in range(clients):
+            for x, _ in batches(c):
+                x.sum()  # touch: the batch really exists on the device
 
-    made = list(batches())
+    made = [list(batches(c)) for c in range(clients)]
 
     def train(source):
-        opt = make_optimizer(run.params.values(), cfg.optim)
-        local_train(run.train_model, run.params, run.layout, run.global_vec, source, opt, device)
+        trainer = BatchedClientTrainer(run.model, run.layout, cfg.optim, clients, device, cfg.model.precision,
+                                       batch_size=cfg.data.batch_size)
+        for _ in trainer.train(run.global_vec, [ClientJob(c, lambda c=c: source(c)) for c in range(clients)]):
+            pass
 
-    train(made)  # warm-up (kernels, allocator)
+    train(lambda c: made[c])  # warm-up (kernels, allocator)
     data_s, model_s, round_s = [], [], []
     for _ in range(repeats):  # the three back to back per repeat: load from elsewhere hits them alike
         data_s.append(_seconds(data_only, device))
-        model_s.append(_seconds(lambda: train(made), device))
-        round_s.append(_seconds(lambda: train(batches()), device))
+        model_s.append(_seconds(lambda: train(lambda c: made[c]), device))
+        round_s.append(_seconds(lambda: train(batches), device))
     med = statistics.median
     return {"images": n_images, "batch_size": cfg.data.batch_size, "augment": cfg.data.augment,
+            "clients": clients, "precision": cfg.model.precision,
             "repeats": repeats, "data_images_per_s": n_images / med(data_s),
             "model_images_per_s": n_images / med(model_s), "round_images_per_s": n_images / med(round_s),
             "data_alone_share": med([d / r for d, r in zip(data_s, round_s)]),
@@ -185,20 +193,24 @@ def issue_row(work: Path, device: torch.device, rounds: int) -> dict:
             "cache_build_workers2_pool_started": pooled.seen}
 
 
-def data_path_row(device: str = "cpu", suite: str = "quick") -> dict:
-    """The bench's data row (see the module docstring); ``suite`` full adds ViT-B/16 on CPU too."""
+def data_path_row(device: str = "cpu", suite: str = "quick", precision: str | None = None) -> dict:
+    """The bench's data row (see the module docstring); ``suite`` full adds ViT-B/16 on CPU too; ``precision``:
+    ``model.precision`` of the shape rows (default: bf16 on CUDA, fp32 on CPU)."""
     from fedpeft_hpc.config import load_config
     from fedpeft_hpc.quickstart import embedded_config
 
     dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     quick = suite == "quick"
-    out: dict[str, Any] = {"device": str(dev), "torch_threads": torch.get_num_threads(), "suite": suite}
+    precision = precision or ("bf16" if dev.type == "cuda" else "fp32")
+    out: dict[str, Any] = {"device": str(dev), "torch_threads": torch.get_num_threads(), "suite": suite,
+                           "precision": precision}
     with tempfile.TemporaryDirectory(prefix="fedpeft-bench-data-") as tmp:
         work = Path(tmp)
         qs = load_config(embedded_config())
         qs_model = [f"model.name={qs.model.name}", f"model.img_size={qs.model.img_size}",
                     "model.kwargs={" + ", ".join(f"{k}: {v}" for k, v in qs.model.kwargs.items()) + "}",
-                    "model.num_classes=10", "data.name=digits", "data.batch_size=32", "peft.method=bias"]
+                    "model.num_classes=10", "data.name=digits", "data.batch_size=32", "peft.method=bias",
+                    f"model.precision={precision}"]
         (work / "qs").mkdir()
         out["quickstart"] = shape_row(qs_model, work / "qs", dev, epochs=2, repeats=5 if quick else 11)
         if dev.type == "cuda" or not quick:
@@ -206,7 +218,8 @@ def data_path_row(device: str = "cpu", suite: str = "quick") -> dict:
             (work / "vitb").mkdir()
             out["vit_b16_224"] = shape_row([*VIT_B16, "peft.method=bias", "data.name=imagefolder",
                                             f"data.root={folder}", f"data.cache_dir={work / 'cache224'}",
-                                            "data.batch_size=32", "data.augment=crop_flip"],
+                                            "data.batch_size=32", "data.augment=crop_flip",
+                                            f"model.precision={precision}"],
                                            work / "vitb", dev, epochs=4 if dev.type == "cuda" else 1,
                                            repeats=5 if dev.type == "cuda" else 1)
         out["issue"] = issue_row(work, dev, rounds=5 if quick else 11)
@@ -239,8 +252,9 @@ if __name__ == "__main__":
 def data_rows(ctx) -> list[Row]:
     """The data row of ``fedpeft-hpc bench``: ``data_path_row`` as table rows with their targets."""
     ctx.status("data: data path vs model step, image folder vs tensors, workers")
-    d = data_path_row(ctx.device.type, ctx.suite)
-    main = "ViT-B/16 224 px, bias, batch 32, crop_flip" if "vit_b16_224" in d else "quickstart shape, bias"
+    d = data_path_row(ctx.device.type, ctx.suite, ctx.profile.precision)
+    main = (f"ViT-B/16 224 px, bias, batch 32, crop_flip, 4 clients batched, {d['precision']}" if "vit_b16_224" in d
+            else f"quickstart shape, bias, 4 clients batched, {d['precision']}")
     ctx.release()
     return [
         Row("data path share of round time", main, d["data_share"], "< 0.05", at_most(d["data_share"], 0.05),

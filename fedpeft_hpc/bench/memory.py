@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from fedpeft_hpc.bench.context import HEADLINE_METHOD, BenchContext
+from fedpeft_hpc.bench.context import BenchContext
 from fedpeft_hpc.bench.registry import Row, at_most, register_measurement
 
 COHORT = 8
@@ -59,7 +59,8 @@ def hosted_client_memory(ctx: BenchContext) -> list[Row]:
     ratio = per_client / state
     detail = ", ".join(f"{name} {a[k] / 2**20:.2f} -> {b[k] / 2**20:.2f} MiB" for name, k in
                        [*kinds, ("peak RSS", "peak_rss")])
-    return [Row("memory per hosted client / PEFT state", f"{HEADLINE_METHOD}, {few} vs {many} clients", ratio,
+    method = ctx.profile.headline_method
+    return [Row("memory per hosted client / PEFT state", f"{method}, {few} vs {many} clients", ratio,
                 "<= 1.5", at_most(ratio, 1.5), detail=f"{per_client / 1024:.2f} KiB per client vs {state / 1024:.2f} "
                 f"KiB state; {detail}", key="memory_per_client_ratio",
                 extra={"bytes_per_hosted_client": per_client, "state_bytes": state})]
@@ -79,7 +80,7 @@ def _main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ctx = BenchContext(suite, device, Path(tmp))
         p = ctx.profile
-        fr = ctx.engine(f"peft.method={HEADLINE_METHOD}", f"fed.num_clients={clients}",
+        fr = ctx.engine(f"peft.method={ctx.profile.headline_method}", f"fed.num_clients={clients}",
                         f"fed.clients_per_round={min(COHORT, clients)}", f"data.synthetic_samples={p.hosted_samples}",
                         f"fed.client_batch={COHORT}")
         fr.train_round(1)

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import torch
 
-from fedpeft_hpc.bench.context import HEADLINE_METHOD, BenchContext
+from fedpeft_hpc.bench.context import BenchContext
 from fedpeft_hpc.bench.memory import package_env
 from fedpeft_hpc.bench.registry import Row, at_least, register_measurement
 
@@ -31,7 +31,8 @@ def _train(ctx: BenchContext, name: str, procs: int, threads: int) -> float:
     from fedpeft_hpc.config.load import dump_yaml
 
     p = ctx.profile
-    cfg = ctx.config(f"peft.method={HEADLINE_METHOD}", f"fed.num_clients={CLIENTS}", f"fed.clients_per_round={CLIENTS}",
+    cfg = ctx.config(f"peft.method={p.headline_method}", f"fed.num_clients={CLIENTS}",
+                     f"fed.clients_per_round={CLIENTS}",
                      f"data.synthetic_samples={CLIENTS * p.samples_per_client}", f"fed.client_batch={K}",
                      f"fed.rounds={ROUNDS}", f"run.threads={threads}", f"comm.device={ctx.device.type}",
                      "comm.timeout_s=120")
@@ -51,7 +52,7 @@ def _train(ctx: BenchContext, name: str, procs: int, threads: int) -> float:
 
 @register_measurement("ranks")
 def two_ranks(ctx: BenchContext) -> list[Row]:
-    setting = f"{HEADLINE_METHOD}, {CLIENTS} clients per round, fed.client_batch={K}"
+    setting = f"{ctx.profile.headline_method}, {CLIENTS} clients per round, fed.client_batch={K}"
     if ctx.device.type == "cuda" and torch.cuda.device_count() < 2:
         return [Row("2 ranks / 1 rank, equal threads per rank", setting, None, ">= 1.7",
                     detail=f"not measured: {torch.cuda.device_count()} GPU (each rank needs its own)",

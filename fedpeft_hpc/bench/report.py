@@ -11,7 +11,7 @@ from typing import Optional
 from fedpeft_hpc.bench.registry import Row
 
 CONTRACT_KEYS = ("batched_speedup", "batching_bound", "fl_efficiency", "aggregation_share",
-                 "memory_per_client_ratio", "two_rank_speedup")
+                 "memory_per_client_ratio", "two_rank_speedup", "ops_per_step", "host_syncs_per_step")
 
 MD_HEADER = """# Benchmarks
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedpeft_hpc.bench.context import HEADLINE_METHOD, BenchContext
+from fedpeft_hpc.bench.context import BenchContext
 from fedpeft_hpc.bench.registry import Row, at_least, at_most, register_measurement
 
 ROUNDS = 3  # round 1 warms up
@@ -42,8 +42,8 @@ def rounds(ctx: BenchContext) -> list[Row]:
     common = (f"fed.num_clients={k}", f"fed.clients_per_round={k}",
               f"data.synthetic_samples={k * p.samples_per_client}")
     out = {}
-    for name, extra in (("batched", (f"peft.method={HEADLINE_METHOD}", f"fed.client_batch={k}")),
-                        ("sequential", (f"peft.method={HEADLINE_METHOD}", "fed.client_batch=off")),
+    for name, extra in (("batched", (f"peft.method={ctx.profile.headline_method}", f"fed.client_batch={k}")),
+                        ("sequential", (f"peft.method={ctx.profile.headline_method}", "fed.client_batch=off")),
                         ("full", ("peft.method=full", "optim.lr=0.001"))):
         ctx.status(f"rounds: {name}")
         fr = ctx.engine(*common, *extra)
@@ -73,7 +73,7 @@ def rounds(ctx: BenchContext) -> list[Row]:
     eff = sps(rows) / central_sps
     eff_seq = sps(out["sequential"][1]) / central_sps
     share = float(np.mean([r["aggregate_s"] / r["wall_s"] for r in rows]))
-    setting = f"{HEADLINE_METHOD}, {k} clients x {p.samples_per_client} samples, batch {p.batch}"
+    setting = f"{ctx.profile.headline_method}, {k} clients x {p.samples_per_client} samples, batch {p.batch}"
     full_rows = out["full"][1]
     t_full = float(np.mean([r["wall_s"] for r in full_rows]))
     t_peft = float(np.mean([r["wall_s"] for r in rows]))
@@ -91,7 +91,7 @@ def rounds(ctx: BenchContext) -> list[Row]:
             key="aggregation_share"),
         Row("full fine-tuning / PEFT round time", f"full vs {setting}", t_full / t_peft,
             detail=f"{t_full:.2f} s vs {t_peft:.2f} s per round"),
-        Row("PEFT / full fine-tuning bytes per round", f"{HEADLINE_METHOD} vs full, {k} clients",
+        Row("PEFT / full fine-tuning bytes per round", f"{ctx.profile.headline_method} vs full, {k} clients",
             bytes_peft / bytes_full,
             detail=f"{bytes_peft / 1e6:.3f} MB vs {bytes_full / 1e6:.1f} MB"),
     ]

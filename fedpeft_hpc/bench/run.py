@@ -20,14 +20,15 @@ log = logging.getLogger(__name__)
 def run_bench(suite: str = "quick", device: str = "cpu", as_json: bool = False,
               markdown: Optional[str] = "BENCHMARKS.md",
               profile_ops: bool = False, only: Optional[list[str]] = None, threads: int = 0,
-              command: str = "fedpeft-hpc bench") -> int:
+              command: str = "fedpeft-hpc bench", knobs: Optional[dict] = None) -> int:
     from tqdm import tqdm
 
     from fedpeft_hpc.bench import report
-    from fedpeft_hpc.bench.context import BenchContext
+    from fedpeft_hpc.bench.context import PROFILES, BenchContext, with_knobs
     from fedpeft_hpc.bench.registry import measurements
 
     dev = _device(device)
+    with_knobs(PROFILES[(dev.type, suite)], **(knobs or {}))  # bad knobs: exit 2 before anything runs
     if threads < 0:
         raise ConfigError("--threads", f"must be >= 0, got {threads}")
     torch.set_num_threads(threads or idle_cores())
@@ -46,7 +47,7 @@ def run_bench(suite: str = "quick", device: str = "cpu", as_json: bool = False,
     with tempfile.TemporaryDirectory(prefix="fedpeft-bench-") as tmp:
         bar = tqdm(total=len(todo), desc=f"bench {suite} ({dev.type})", unit="measurement", file=sys.stderr,
                    dynamic_ncols=True)
-        ctx = BenchContext(suite, dev, Path(tmp), status=bar.set_postfix_str, profile_ops=profile_ops)
+        ctx = BenchContext(suite, dev, Path(tmp), status=bar.set_postfix_str, profile_ops=profile_ops, knobs=knobs)
         try:
             for m in todo:
                 bar.set_description(f"bench: {m.name}")

@@ -29,7 +29,7 @@ from fedpeft_hpc.comm.world import WorldInfo, detect_world
 from fedpeft_hpc.config.schema import CommConfig
 from fedpeft_hpc.errors import ConfigError, UserError
 
-__all__ = ["Runtime", "choose_device", "choose_backend", "default_threads"]
+__all__ = ["Runtime", "choose_device", "choose_backend", "check_ranks_per_gpu", "default_threads"]
 
 
 def choose_device(cfg: CommConfig, world: WorldInfo) -> torch.device:
@@ -40,12 +40,28 @@ def choose_device(cfg: CommConfig, world: WorldInfo) -> torch.device:
     if cfg.device == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        check_ranks_per_gpu(world, torch.cuda.device_count())
         return torch.device("cuda", world.local_rank % torch.cuda.device_count())
     if cfg.device == "cuda":
         raise ConfigError("comm.device", "'cuda' was asked for but torch sees no CUDA GPU "
                           f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}); "
                           "use comm.device=cpu or auto")
     return torch.device("cpu")
+
+
+def check_ranks_per_gpu(world: WorldInfo, visible: int) -> None:
+    """Refuse more ranks on this node than GPUs it sees: two ranks would share a GPU (NCCL fails at start
+    with its own message, or a collective hangs). One visible GPU per rank under a SLURM or MPI launcher is
+    the per-task binding (``srun --gpus-per-task=1``): each rank sees its own GPU as device 0."""
+    per_task = visible == 1 and world.launcher != "torchrun"
+    if world.local_world_size <= visible or per_task:
+        return
+    shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+    raise ConfigError("comm.device", f"{world.local_world_size} ranks on this node ({world.launcher}) but "
+                      f"{visible} visible GPU(s)" + (f" (CUDA_VISIBLE_DEVICES={shown})" if shown else "") +
+                      ": two ranks would share a GPU. Start at most one rank per GPU (torchrun "
+                      f"--nproc_per_node={visible}, srun --ntasks-per-node={visible} or --gpus-per-task=1), "
+                      "or run on CPUs with comm.device=cpu")
 
 
 def choose_backend(cfg: CommConfig, device: torch.device) -> str:

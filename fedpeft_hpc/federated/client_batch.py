@@ -1,11 +1,12 @@
-"""``fed.client_batch``: how many clients a rank trains at once (``off`` | K | ``auto``).
+"""``fed.client_batch``: how many clients a rank trains at once (``auto``, the default | K | ``off``).
 
 ``off`` (also 0 or 1) trains a rank's clients one after another. K >= 2 trains up to K at
 once (``federated.batched``), never more than a rank can get in one round. ``auto`` picks
 K from a memory budget measured on this device with a probe step on zeros of the data's
 shape:
 
-- CUDA: the real batched step (DP included) runs with 1 and 2 clients; the difference of
+- CUDA: the real batched step (DP included, with the attention it uses: fused outside DP-SGD)
+  runs with 1 and 2 clients; the difference of
   the allocator's peaks is the cost of one more client, the rest is fixed; the budget is
   ``AUTO_BUDGET_FRACTION`` of the free device memory.
 - CPU: the resident set cannot tell (freed memory stays in the process and is reused),

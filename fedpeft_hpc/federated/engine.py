@@ -290,7 +290,8 @@ class FederatedTrainer:
             jobs = [ClientJob(c, functools.partial(self._client_batches, round_idx, c),
                               fed.privacy.client_noise(c, round_idx, int(fed.sizes[c]))) for c in order]
             trainer = BatchedClientTrainer(self.model, self.layout, cfg.optim, min(self.client_batch, len(clients)),
-                                           device, cfg.model.precision)
+                                           device, cfg.model.precision, compile=cfg.run.compile,
+                                           batch_size=cfg.data.batch_size)
             yield from trainer.train(sent, jobs)
             return
         parts = self.client_parts
