@@ -263,7 +263,8 @@ def test_bad_compression_settings_exit_2(extra, key):
     assert "Traceback" not in res.stderr
 
 
-def test_clients_train_from_exactly_the_decoded_global_state(tmp_path, monkeypatch):
+@pytest.mark.parametrize("batch", ["off", "4"])
+def test_clients_train_from_exactly_the_decoded_global_state(tmp_path, monkeypatch, batch):
     from fedpeft_hpc.federated.compress import Compression as Comp
     from fedpeft_hpc.utils.streams import COMPRESS_DOWN
 
@@ -279,9 +280,17 @@ def test_clients_train_from_exactly_the_decoded_global_state(tmp_path, monkeypat
         starts.append(start)
         return real_train(model, params, layout, start, *args, **kwargs)
 
+    real_batched = engine.BatchedClientTrainer.train
+
+    def batched_spy(self, start, jobs):
+        jobs = list(jobs)
+        starts.extend([start] * len(jobs))
+        return real_batched(self, start, jobs)
+
     monkeypatch.setattr(Comp, "downlink", down)
     monkeypatch.setattr(engine, "local_train", train_spy)
-    cfg, s = _run(tmp_path, "r", "peft.method=bias", "fed.compress_down=int4")
+    monkeypatch.setattr(engine.BatchedClientTrainer, "train", batched_spy)
+    cfg, s = _run(tmp_path, "r", "peft.method=bias", "fed.compress_down=int4", f"fed.client_batch={batch}")
     codec = build_codec("int4", 256, 0.1)
     for round_idx, global_vec, init, out in sent:
         enc = codec.encode(global_vec - init, torch_generator(cfg.seed, COMPRESS_DOWN, round_idx))
