@@ -56,7 +56,8 @@ def test_decode_encode_within_the_stated_bound(codec):
     c = build_codec(codec, 64, 0.05)
     gen = torch.Generator().manual_seed(1)
     cases = [torch.randn(5000), torch.randn(1000) * 1e-6, torch.zeros(300),
-             torch.cat([torch.zeros(64), torch.randn(100) * 100]), torch.tensor([3.0, -3.0, 0.5])]
+             torch.cat([torch.zeros(64), torch.randn(100) * 100]), torch.tensor([3.0, -3.0, 0.5]),
+             torch.tensor([1e5, -7e4, 65504.0, 1.0])]
     for x in cases:
         y = c.decode(c.encode(x, gen))
         err, bound = (y - x).abs(), c.error_bound(x)

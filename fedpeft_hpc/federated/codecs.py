@@ -8,7 +8,7 @@ is checked against. Error bounds, per element ``i`` of ``x`` (``decode(encode(x)
 
 - ``none``: exact. 4 bytes a value.
 - ``fp16``: ``|e_i| <= 2^-11 |x_i| + 2^-25`` for ``|x_i| <= 65504`` (round to nearest; the second
-  term covers subnormals; larger values are refused). 2 bytes a value.
+  term covers subnormals); larger values saturate at 65504 (``|e_i| = |x_i| - 65504``). 2 bytes a value.
 - ``bf16``: ``|e_i| <= 2^-8 |x_i|`` (round to nearest; fp32's range). 2 bytes a value.
 - ``int8`` / ``int4``: blocks of ``block`` values share one fp32 scale ``s = max|x_block| / L``
   (``L`` = 127 or 7); each value is ``s * q`` with ``q`` rounded stochastically to one of its two
@@ -105,9 +105,8 @@ class HalfCodec(Codec):
 
     def encode(self, x: torch.Tensor, gen: torch.Generator | None = None) -> Encoded:
         x = x.detach().reshape(-1)
-        if self.dtype == torch.float16 and x.numel() and float(x.abs().max()) > FP16_MAX:
-            raise ValueError(f"fp16 cannot carry values beyond {FP16_MAX} (largest {float(x.abs().max()):.4g}); "
-                             "use bf16")
+        if self.dtype == torch.float16:
+            x = x.clamp(-FP16_MAX, FP16_MAX)  # saturate: fp16 has no larger finite value
         return Encoded(self.name, x.numel(), {"values": x.to(self.dtype)})
 
     def size(self, n: int) -> int:
@@ -115,7 +114,9 @@ class HalfCodec(Codec):
 
     def error_bound(self, x: torch.Tensor) -> torch.Tensor:
         a = x.abs().to(torch.float32)
-        return a * 2.0 ** -11 + 2.0 ** -25 if self.dtype == torch.float16 else a * 2.0 ** -8
+        if self.dtype == torch.bfloat16:
+            return a * 2.0 ** -8
+        return torch.where(a <= FP16_MAX, a * 2.0 ** -11 + 2.0 ** -25, a - FP16_MAX)
 
 
 class IntCodec(Codec):
