@@ -224,7 +224,8 @@ def _add_run_commands(sub) -> None:
 
     p = sub.add_parser("inspect", help="count total/trainable parameters and bytes per transfer (no data, "
                                        "no weights); with peft.local / peft.frozen / peft.lora_ranks also the "
-                                       "sent, local and frozen parameters and the bytes per LoRA rank")
+                                       "sent, local and frozen parameters and the bytes per LoRA rank; the "
+                                       "bytes per transfer under each encoding (fed.compress_up/down)")
     _config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--all", action="store_true", help="also tabulate every registered PEFT method")

@@ -314,8 +314,22 @@ def validate(cfg: Config) -> None:
                           "without replacement and accounted with dp-accounting's RDP analysis: use "
                           "privacy.accountant=rdp, or fed.sampling=poisson with prv")
     _validate_split_state(cfg)
+    _validate_compression(cfg)
     if cfg.model.pretrain_recipe is not None and not cfg.model.checkpoint:
         raise ConfigError("model.checkpoint", "model.pretrain_recipe needs a model.checkpoint path to build")
+
+
+def _validate_compression(cfg: Config) -> None:
+    """``fed.error_feedback`` needs an uplink encoding; heterogeneous LoRA ranks send per-rank tensors that the
+    encoders do not handle."""
+    fed = cfg.fed
+    if fed.error_feedback and fed.compress_up == "none":
+        raise ConfigError("fed.error_feedback", "true needs an uplink encoding (fed.compress_up: fp16, bf16, int8, "
+                                                "int4 or topk); with compress_up=none there is no residual")
+    if cfg.peft.lora_ranks and (fed.compress_up != "none" or fed.compress_down != "none"):
+        raise ConfigError("fed.compress_up" if fed.compress_up != "none" else "fed.compress_down",
+                          "compressed transfers are not implemented with heterogeneous LoRA ranks "
+                          "(peft.lora_ranks); use compress_up=none and compress_down=none, or peft.lora_ranks=[]")
 
 
 def _validate_split_state(cfg: Config) -> None:

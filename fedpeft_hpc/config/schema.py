@@ -25,6 +25,7 @@ def opt(default: Any, help: str = "", choices: tuple | None = None, min: float |
 
 
 # names of the parts of a PEFT state (``peft.local``, ``peft.frozen``); which a method has: peft/parts.py
+CODEC_CHOICES = ("none", "fp16", "bf16", "int8", "int4", "topk")
 PEFT_PARTS = ("head", "lora_a", "lora_b", "adapter", "prompt", "bias")
 
 
@@ -148,6 +149,18 @@ class FedConfig:
                                 "poisson (each client independently with probability clients_per_round / "
                                 "num_clients), auto (poisson with privacy.mode=client, else fixed)",
                         choices=("auto", "fixed", "poisson"))
+    compress_up: str = opt("none", "encoding of each client's update on the uplink: none (fp32), fp16, bf16, int8 or "
+                                   "int4 (per-block scales, stochastic rounding), topk (fed.topk_fraction largest "
+                                   "entries with their indices); the server aggregates what it decodes",
+                           choices=CODEC_CHOICES)
+    compress_down: str = opt("none", "encoding of the global state's difference from the initial PEFT state on the "
+                                     "downlink (same encodings); clients train from what they decode",
+                             choices=CODEC_CHOICES)
+    topk_fraction: float = opt(0.1, "share of entries fed.compress_*=topk sends (at least one)", min=0.0, max=1.0,
+                               min_exclusive=True)
+    error_feedback: bool = opt(False, "each client adds the residual of its last uplink encoding to its next update "
+                                      "(kept per client in run.dir/client_state_residual); needs fed.compress_up")
+    compress_block: int = opt(256, "values that share one fp32 scale under int8 / int4", min=1)
 
 
 @dataclass

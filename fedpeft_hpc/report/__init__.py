@@ -12,7 +12,8 @@ FILES = ("results.csv", "results.md", "accuracy_vs_round.png", "accuracy_vs_byte
 
 
 def write_report(path: str | Path, panels: list[str] | None = None) -> tuple[dict[str, Path], str]:
-    """Write the four files into ``path``; returns their paths and the Markdown table.
+    """Write the four files into ``path`` (and ``personal_acc_vs_bytes.png`` / ``accuracy_vs_bytes_up.png`` where
+    runs hold personal_acc / encoded transfers); returns their paths and the Markdown table.
 
     ``panels``: swept keys whose values get a plot panel each (``report.panels``); checked first.
     """
@@ -33,6 +34,11 @@ def write_report(path: str | Path, panels: list[str] | None = None) -> tuple[dic
     atomic_write_text(out["results.md"], md)
     atomic_write(out["accuracy_vs_round.png"], lambda tmp: plot_accuracy_vs_round(coll, Path(tmp), panels))
     atomic_write(out["accuracy_vs_bytes.png"], lambda tmp: plot_accuracy_vs_bytes(coll, Path(tmp), panels))
+    if any(r.get("compression_ratio") not in (None, 1.0) for rec in coll.runs for r in rec.metrics):
+        # encoded transfers (fed.compress_up/down): accuracy against the uplink's bytes alone too
+        out["accuracy_vs_bytes_up.png"] = path / "accuracy_vs_bytes_up.png"
+        atomic_write(out["accuracy_vs_bytes_up.png"],
+                     lambda tmp: plot_accuracy_vs_bytes(coll, Path(tmp), panels, up_only=True))
     if any(isinstance(r.get("personal_acc"), (int, float)) for rec in coll.runs for r in rec.metrics):
         # clients held samples out (data.client_test_fraction): their own models' accuracy too
         out["personal_acc_vs_bytes.png"] = path / "personal_acc_vs_bytes.png"

@@ -29,23 +29,24 @@ class Curve:
     mb_mean: np.ndarray
 
 
-def _points(rec: RunRecord, metric: str = "test_acc") -> dict[int, tuple[float, float]]:
-    """round -> (``metric``: test accuracy or personal_acc, cumulative MB up + down) for the rounds that evaluated
-    (MB NaN where the row holds no byte counts: a DP run with privacy.release=covered whose cohort size is secret)."""
+def _points(rec: RunRecord, metric: str = "test_acc", up_only: bool = False) -> dict[int, tuple[float, float]]:
+    """round -> (``metric``: test accuracy or personal_acc, cumulative MB up + down, or up alone) for the rounds
+    that evaluated (MB NaN where the row holds no byte counts: a DP run with privacy.release=covered whose cohort
+    size is secret)."""
     out = {}
     for row in rec.metrics:
         acc = row.get(metric)
         if isinstance(acc, (int, float)):
-            sent = [row.get("bytes_up_total"), row.get("bytes_down_total")]
+            sent = [row.get("bytes_up_total")] + ([] if up_only else [row.get("bytes_down_total")])
             mb = sum(sent) / 1e6 if None not in sent else math.nan
             out[int(row["round"])] = (float(acc), float(mb))
     return out
 
 
-def curves(coll: Collection, metric: str = "test_acc") -> list[Curve]:
+def curves(coll: Collection, metric: str = "test_acc", up_only: bool = False) -> list[Curve]:
     out = []
     for name, recs in coll.settings().items():
-        per_run = [_points(r, metric) for r in recs]
+        per_run = [_points(r, metric, up_only) for r in recs]
         rounds = sorted(set().union(*per_run))
         if not rounds:
             continue
@@ -120,17 +121,19 @@ def plot_accuracy_vs_round(coll: Collection, path: Path, panels: list[str] | Non
     return _save(fig, path)
 
 
-def plot_accuracy_vs_bytes(coll: Collection, path: Path, panels: list[str] | None = None, metric: str = "test_acc"):
+def plot_accuracy_vs_bytes(coll: Collection, path: Path, panels: list[str] | None = None, metric: str = "test_acc",
+                           up_only: bool = False):
     """Write the PNG (log x; one panel per value of the ``panels`` keys); returns the matplotlib Figure.
     ``metric``: ``test_acc`` (the global model on the global test set) or ``personal_acc`` (each client's own
-    model on its held-out samples, ``data.client_test_fraction``)."""
+    model on its held-out samples, ``data.client_test_fraction``); ``up_only``: the uplink's bytes alone."""
     groups = split(coll, panels or [])
     what = "test accuracy" if metric == "test_acc" else "personalized accuracy (clients' own models)"
     fig, axes = _figure(f"{coll.title}: {what} vs communication",
-                        "cumulative communication, MB (up + down, all clients; log scale)", len(groups),
+                        f"cumulative communication, MB ({'up' if up_only else 'up + down'}, all clients; log scale)",
+                        len(groups),
                         ylabel="test accuracy (top-1)" if metric == "test_acc" else "personal_acc (top-1)")
     for ax, (subtitle, part) in zip(axes, groups):
-        cs = curves(part, metric)
+        cs = curves(part, metric, up_only)
         for c in cs:
             (line,) = ax.plot(c.mb_mean, c.acc_mean, marker="o", markersize=3, label=c.label)
             ax.fill_between(c.mb_mean, c.acc_mean - c.acc_std, c.acc_mean + c.acc_std, color=line.get_color(),

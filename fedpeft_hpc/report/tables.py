@@ -20,7 +20,8 @@ from statistics import mean, stdev
 from fedpeft_hpc.report.collect import Collection, RunRecord, value_text
 
 RESULT_FIELDS = ("seed", "state", "rounds_done", "rounds", "final_acc", "best_acc", "trainable_params", "mb_sent",
-                 "wall_s", "epsilon", "personal_acc", "sent_params", "local_params", "frozen_params")
+                 "wall_s", "epsilon", "personal_acc", "sent_params", "local_params", "frozen_params", "mb_up",
+                 "compression_ratio")
 
 
 def run_row(rec: RunRecord) -> dict:
@@ -42,7 +43,8 @@ def run_row(rec: RunRecord) -> dict:
             "mb_sent": bytes_total / 1e6 if bytes_total is not None else None,
             "wall_s": _wall_s(rec.metrics), "epsilon": eps, **_privacy_facts(s),
             **{k: s.get(k) if s else None
-               for k in ("personal_acc", "sent_params", "local_params", "frozen_params")}}
+               for k in ("personal_acc", "sent_params", "local_params", "frozen_params", "compression_ratio")},
+            "mb_up": s["bytes_up_total"] / 1e6 if s and s.get("bytes_up_total") is not None else None}
 
 
 def _wall_s(rows: list[dict]) -> float | None:
@@ -131,6 +133,10 @@ def setting_rows(coll: Collection) -> list[dict]:
             "has_epsilon": any(r["epsilon"] is not None for r in done),
             "personal_acc": _mean_std([r["personal_acc"] for r in done]),
             "has_personal": any(r["personal_acc"] is not None for r in done),
+            "mb_up": _mean([r["mb_up"] for r in done], ",.3f"),
+            "compression_ratio": _mean([r["compression_ratio"] for r in done], ".2f"),
+            # encoded transfers (fed.compress_up/down): the table adds MB up and the ratio
+            "compressed": any(r["compression_ratio"] not in (None, 1.0) for r in done),
         })
     return rows
 
@@ -139,9 +145,10 @@ def results_md(coll: Collection) -> str:
     rows = setting_rows(coll)
     dp = any(r["has_epsilon"] for r in rows)
     personal = any(r["has_personal"] for r in rows)
+    compressed = any(r["compressed"] for r in rows)
     cols = [coll.short.get(k, k) for k in coll.swept] or ["run"]
     head = cols + ["n", "final acc", "best acc"] + (["personal acc"] if personal else [])
-    head += ["trainable params", "MB sent", "wall s"]
+    head += ["trainable params", "MB sent"] + (["MB up", "compression ratio"] if compressed else []) + ["wall s"]
     head += ["epsilon"] if dp else []
     lines = [f"# {coll.title}: results", ""]
     states: dict[str, int] = {}
@@ -158,7 +165,9 @@ def results_md(coll: Collection) -> str:
         values = [value_text(r["values"].get(k), sep=", ") for k in coll.swept] or [r["setting"]]
         cells = values + [f"{r['n']}/{r['runs']}", r["final_acc"], r["best_acc"]]
         cells += [r["personal_acc"]] if personal else []
-        cells += [r["trainable_params"], r["mb_sent"], r["wall_s"]] + ([r["epsilon"]] if dp else [])
+        cells += [r["trainable_params"], r["mb_sent"]]
+        cells += [r["mb_up"], r["compression_ratio"]] if compressed else []
+        cells += [r["wall_s"]] + ([r["epsilon"]] if dp else [])
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean ± sample standard deviation over the finished runs (seeds) of each setting; "
                   "n: finished runs / runs. MB sent: up + down, all clients, whole run. "
@@ -168,6 +177,9 @@ def results_md(coll: Collection) -> str:
                       "is its own); seeded noise: the noise derives from the seed, so that epsilon holds only "
                       "against whoever does not know the seed; rounds charged again: released rows were re-run "
                       "or an earlier attempt was charged (privacy.json).")
+    if compressed:
+        lines[-1] += (" MB up: the clients' encoded updates alone; compression ratio: the same transfers' fp32 bytes "
+                      "over their encoded bytes (fed.compress_up/down).")
     if personal:
         lines[-1] += (" personal acc: each client's own model (global state + its local parts + its LoRA rank) on "
                       "its held-out samples, sample-weighted over clients, after the last round.")
