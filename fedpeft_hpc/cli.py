@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft-hpc {train,inspect,config,pretrain,quickstart,submit,sweep,report,bench} ...``
+"""Command line: ``fedpeft-hpc {train,inspect,config,pretrain,quickstart,submit,sweep,status,cancel,report,bench} ...``
 (same as ``python -m fedpeft_hpc``).
 
 Bad input ends with a one-line message naming the key or file, exit status 2, and no
@@ -119,14 +119,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = load_sweep(args.sweep)
     profile = with_flags(load_profile(args.cluster), vars(args))
     out = Path(args.out) if args.out else Path("runs") / spec.name
-    return run_sweep(spec, out, args.executor, profile, args.max_parallel, dry_run=args.dry_run, wait=args.wait)
+    return run_sweep(spec, out, args.executor, profile, args.max_parallel, dry_run=args.dry_run, wait=args.wait,
+                     only=args.only, max_attempts=args.max_attempts)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fedpeft_hpc.status import status
+
+    print(status(args.dir, as_json=args.json))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from fedpeft_hpc.status import cancel
+
+    return cancel(args.dir)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from fedpeft_hpc.report import write_report
 
     panels = [k.strip() for k in (args.panels or "").split(",") if k.strip()]
-    paths, md = write_report(args.dir, panels)
+    paths, md = write_report(args.dir, panels, ci=args.ci)
     print(md)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -282,17 +296,43 @@ def _add_cluster_commands(sub) -> None:
     p.add_argument("--max-parallel", type=_count(1), metavar="N",
                    help="runs at once: the SLURM array's concurrency limit (default: submitit's 256), or local "
                         "subprocesses (default 1)")
-    _launch_args(p, wait_help="SLURM: follow the array until every run ended (local and debug always wait)",
+    p.add_argument("--only", metavar="STATE|GLOB",
+                   help="start only the runs in this state (new, interrupted, failed) or whose name matches this "
+                        "glob, e.g. 'method=lora_*'")
+    p.add_argument("--max-attempts", type=_count(1), metavar="N",
+                   help="never submit a run more than N times in all (sweep.json counts the submissions)")
+    _launch_args(p, wait_help="SLURM: follow the array until every run ended (one squeue every 30 s or more; the "
+                              "run directories in between); local and debug always wait",
                  dry_run_help="list every run with its state and what would be submitted; run nothing, "
                               "write nothing")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("status", help="state, rounds, last accuracy, job, elapsed time and log of every run in a "
+                                      "sweep, run or folder of runs",
+                       description="Per run: queued, running, finished, failed, interrupted or new; rounds done of "
+                                   "planned; the last test accuracy; the job id; the time used (the scheduler's, "
+                                   "while the job is queued or running); the log. One squeue for all jobs (and "
+                                   "sacct where accounting exists); builds no model and no data.")
+    p.add_argument("dir", help="sweep directory (sweep.json), run directory, or folder of run directories")
+    p.add_argument("--json", action="store_true", help="one JSON object: title and one entry per run")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel what a sweep, run or folder of runs has queued or running",
+                       description="One scancel for every queued or running SLURM job of the runs under DIR (local "
+                                   "submitit jobs through submitit). The runs keep their checkpoints: the next "
+                                   "sweep or submit resumes them.")
+    p.add_argument("dir", help="sweep directory (sweep.json), run directory, or folder of run directories")
+    p.set_defaults(func=cmd_cancel)
+
     p = sub.add_parser("report", help="tables and plots of the runs in a sweep (or run) directory",
-                       description="Write DIR/results.csv (one row per run), DIR/results.md (one row per setting: "
-                                   "mean ± std over seeds, n), DIR/accuracy_vs_round.png and "
-                                   "DIR/accuracy_vs_bytes.png. DIR: a sweep directory, one run directory, or a "
+                       description="Write DIR/results.csv (one row per run), DIR/results.md and DIR/results.tex "
+                                   "(one row per setting: one config, rounds included, weights and data; mean ± std "
+                                   "over seeds, n), DIR/accuracy_vs_round.png and DIR/accuracy_vs_bytes.png (Pareto "
+                                   "front marked). DIR: a sweep directory, one run directory, or a "
                                    "folder of run directories. Unfinished runs are listed as such.")
     p.add_argument("dir", help="sweep directory (sweep.json), run directory, or folder of run directories")
+    p.add_argument("--ci", action="store_true",
+                   help="mean ± half-width of the 95%% Student-t interval over seeds instead of ± standard deviation")
     p.add_argument("--panels", metavar="KEY[,KEY]",
                    help="plots: one panel per combination of these swept keys' values (e.g. "
                         "data.partition,privacy.mode; short names work too); the lines of a panel are the "

@@ -126,6 +126,7 @@ class FederatedTrainer:
                             else self.fed.privacy.wrap_model(self.model))  # may still refuse the model
         self.accumulate_s = 0.0
         self.rundir.start(cfg, resume)
+        self.rundir.write_identity(cfg, self.fingerprints["data"])
         # from here on this process's log also goes to the run directory (until fit() ends or close())
         self._detach_log = log_to_file(self.rundir.log_path(comm.rank), comm.rank, comm.world_size)
         self.fed.privacy.use_noise(self.noise_key)
@@ -298,7 +299,8 @@ class FederatedTrainer:
         return MetricsSinks(sinks)
 
     def close(self) -> None:
-        """Stop writing this process's log to the run directory. Safe to call twice."""
+        """Free the run directory (its lease) and stop writing this process's log to it. Safe to call twice."""
+        self.rundir.release_lease()
         if self._detach_log is not None:
             self._detach_log()
             self._detach_log = None
@@ -325,6 +327,7 @@ class FederatedTrainer:
                 sinks.write(row)
                 if r % cfg.run.checkpoint_every == 0 or r == cfg.fed.rounds:
                     self.rundir.save(self._checkpoint(r), cfg.run.keep_checkpoints)
+                self.rundir.refresh_lease()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_postfix(row, self.last_acc))

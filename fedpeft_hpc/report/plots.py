@@ -55,9 +55,22 @@ def curves(coll: Collection) -> list[Curve]:
             mb_mean.append(np.mean(mbs))
         done = sum(r.finished for r in recs)
         what = coll.label(recs[0])
+        if sum(coll.label(rs[0]) == what for rs in coll.settings().values()) > 1:  # same name, other computation
+            what += f", rounds={recs[0].rounds}"
         label = f"{what} (n={done})" if done == len(recs) else f"{what} ({done}/{len(recs)} finished)"
         out.append(Curve(label, np.array(rounds), np.array(acc_mean), np.array(acc_std), np.array(mb_mean)))
     return out
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (MB, accuracy) points that no other point beats with fewer or equal MB and higher or equal
+    accuracy (one strictly better), sorted by MB."""
+    front, best = [], -float("inf")
+    for mb, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((mb, acc))
+            best = acc
+    return front
 
 
 def _figure(title: str, xlabel: str, panels: int):
@@ -128,6 +141,12 @@ def plot_accuracy_vs_bytes(coll: Collection, path: Path, panels: list[str] | Non
             (line,) = ax.plot(c.mb_mean, c.acc_mean, marker="o", markersize=3, label=c.label)
             ax.fill_between(c.mb_mean, c.acc_mean - c.acc_std, c.acc_mean + c.acc_std, color=line.get_color(),
                             alpha=0.2, linewidth=0)
+        # the settings' last evaluated points that no other setting beats at equal or lower cost
+        front = pareto_front([(float(c.mb_mean[-1]), float(c.acc_mean[-1])) for c in cs]) if len(cs) > 1 else []
+        if front:
+            xs, ys = zip(*front)
+            ax.plot(xs, ys, color="black", linestyle="--", linewidth=1, marker="*", markersize=9, zorder=5,
+                    label="Pareto front (last rounds)")
         if cs:
             from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -136,5 +155,5 @@ def plot_accuracy_vs_bytes(coll: Collection, path: Path, panels: list[str] | Non
             ax.xaxis.set_major_formatter(plain)
             lo, hi = min(c.mb_mean.min() for c in cs), max(c.mb_mean.max() for c in cs)
             ax.xaxis.set_minor_formatter(plain if hi < 10 * lo else NullFormatter())
-        _finish(ax, len(cs), subtitle if len(groups) > 1 else None)
+        _finish(ax, len(cs) + bool(front), subtitle if len(groups) > 1 else None)
     return _save(fig, path)

@@ -19,6 +19,8 @@ from fedpeft_hpc.config.load import dotted, dump_yaml, to_dict
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.errors import ConfigError, UserError
 from fedpeft_hpc.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedpeft_hpc.runs.identity import identity_of, write_identity
+from fedpeft_hpc.runs.lease import check_lease, refresh_lease, release_lease, take_lease
 from fedpeft_hpc.utils.files import atomic_write_json, atomic_write_text, read_jsonl, usable_dir_problem
 
 # Keys that may differ between the saved and the resumed config.
@@ -46,6 +48,7 @@ class RunDir:
         problem = usable_dir_problem(self.path)
         if problem:
             raise ConfigError("run.dir", f"{problem}; give a directory to hold the run")
+        check_lease(self.path)  # another live job or process trains here: exit 2 naming it
         has_ckpt = self.latest.is_file()
         has_run = has_ckpt or self.metrics_path.is_file() or self.summary_path.is_file()
         mode = cfg.run.resume
@@ -91,6 +94,7 @@ class RunDir:
             self.ckpt_dir.mkdir(exist_ok=True)
         except OSError as e:
             raise ConfigError("run.dir", f"cannot create {self.path} ({e.strerror or e})") from None
+        take_lease(self.path)
         atomic_write_text(self.config_path, dump_yaml(cfg))
         if not self.metrics_path.is_file():
             return
@@ -124,6 +128,19 @@ class RunDir:
             shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diff[:6])
             raise ConfigError(diff[0][0], f"{self.path} holds a run with a different config ({shown}); "
                                           "choose a new run.dir or use the same config to resume")
+
+    def write_identity(self, cfg: Config, data_fingerprint: int) -> None:
+        """``identity.json``: what this run computes (``runs/identity``), for sweeps and reports."""
+        if self.is_main:
+            write_identity(self.path, identity_of(cfg, data_fingerprint))
+
+    def refresh_lease(self) -> None:
+        if self.is_main:
+            refresh_lease(self.path)
+
+    def release_lease(self) -> None:
+        if self.is_main:
+            release_lease(self.path)
 
     def log_path(self, rank: int) -> Path:
         """``train.log`` for rank 0, ``train.rank<N>.log`` for the others."""
