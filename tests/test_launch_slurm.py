@@ -229,7 +229,7 @@ def test_sweep_is_one_array_reported_and_not_submitted_twice(slurm, tmp_path, ca
     assert {(r["peft.method"], r["optim.lr"]) for r in rows} == {(m, lr) for m in ("bias", "lora")
                                                                 for lr in ("0.05", "0.1")}
     md = (out / "results.md").read_text()
-    assert len(re.findall(r"^\| (bias|lora) \| 0\.(05|1) \| 2/2 \|", md, flags=re.M)) == 4, md
+    assert len(re.findall(r"^\| 0\.(05|1) \| (bias|lora) \| 2 \| 2/2 \|", md, flags=re.M)) == 4, md
     for png in ("accuracy_vs_round.png", "accuracy_vs_bytes.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -247,7 +247,8 @@ def test_sweep_with_an_invalid_value_exits_2_and_submits_nothing(slurm, tmp_path
     before = known_job_ids()
     rc, _, err = cli_main(capsys, "sweep", str(spec), "--out", str(out), "--executor", "slurm")
     assert rc == 2, err
-    assert "run method=bias_lr=-1_seed=1: optim.lr: must be > 0.0, got -1.0" in err
+    assert "runs lr=-1.0_method=bias_seed=1, lr=-1.0_method=bias_seed=2, lr=-1.0_method=lora_seed=1 and 1 more: " \
+           "optim.lr: must be > 0.0, got -1.0" in err
     assert "4 of 8 runs are invalid, nothing was submitted" in err
     assert not out.exists()
     assert all(j <= max(before, default=0) for j in known_job_ids())  # no sbatch happened

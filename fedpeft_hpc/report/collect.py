@@ -24,7 +24,7 @@ from fedpeft_hpc.errors import UserError
 from fedpeft_hpc.launchers.jobstate import JobRef, JobStates
 from fedpeft_hpc.launchers.manifest import MANIFEST, read_manifest
 from fedpeft_hpc.launchers.runstate import RunStatus, run_status
-from fedpeft_hpc.runs.identity import saved_identity
+from fedpeft_hpc.runs.identity import Identity, saved_identity
 from fedpeft_hpc.runs.lease import read_lease
 from fedpeft_hpc.utils.files import read_jsonl
 
@@ -42,6 +42,7 @@ class RunRecord:
     in_sweep: bool = True  # False: listed in sweep.json from an earlier version of the sweep file
     job: JobRef | None = None  # the job that runs (or last ran) it
     group: str = ""  # what the run computes without its seed: runs of one group are averaged
+    identity: Identity | None = None  # of the run in its directory (None: not started)
 
     @property
     def last_acc(self) -> float | None:
@@ -70,11 +71,19 @@ class Collection:
         return ", ".join(f"{self.short.get(k, k)}={value_text(v)}" for k, v in rec.setting.items())
 
     def settings(self) -> dict[str, list[RunRecord]]:
-        """group -> its runs (one per seed: the same computation otherwise), in first-seen order."""
+        """group -> its runs (one per seed: the same computation otherwise), in first-seen order. A run
+        recorded before identities were (no weights or data fingerprint) joins the group of its config."""
         out: dict[str, list[RunRecord]] = {}
         for r in self.runs:
-            out.setdefault(r.group or r.setting_name, []).append(r)
+            key = next((k for k, recs in out.items() if _same_setting(r, recs[0])), r.group or r.setting_name)
+            out.setdefault(key, []).append(r)
         return out
+
+
+def _same_setting(a: RunRecord, b: RunRecord) -> bool:
+    if a.identity is not None and b.identity is not None:
+        return a.identity.same_setting(b.identity)
+    return (a.group or a.setting_name) == (b.group or b.setting_name)
 
 
 def value_text(v, sep: str = "+") -> str:
@@ -126,7 +135,7 @@ def _records(found: list[_Found]) -> list[RunRecord]:
         ident = saved_identity(f.dir)
         group = ident.setting_id if ident is not None else (f.group or f.setting_name)
         out.append(RunRecord(f.name, f.setting, f.setting_name, f.seed, f.dir, status, rounds, rows, f.in_sweep,
-                             jobs[f.name], group))
+                             jobs[f.name], group, ident))
     return out
 
 

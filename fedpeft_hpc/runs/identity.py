@@ -49,6 +49,10 @@ class Identity:
     def as_dict(self) -> dict:
         return {**asdict(self), "id": self.run_id, "setting_id": self.setting_id}
 
+    def same_setting(self, other: "Identity") -> bool:
+        """One setting (averaged over seeds): same config but the seed, weights and data (unknowns match)."""
+        return self.setting == other.setting and not [d for d in self.differs_in(other) if d != "config"]
+
     def differs_in(self, other: "Identity") -> list[str]:
         """What makes two runs different computations: ``config``, ``weights``, ``data`` (unknowns match)."""
         out = [] if self.config == other.config else ["config"]
