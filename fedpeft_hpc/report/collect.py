@@ -75,15 +75,22 @@ class Collection:
         recorded before identities were (no weights or data fingerprint) joins the group of its config."""
         out: dict[str, list[RunRecord]] = {}
         for r in self.runs:
-            key = next((k for k, recs in out.items() if _same_setting(r, recs[0])), r.group or r.setting_name)
+            key = next((k for k, recs in out.items() if _same_setting(r, recs[0])), None)
+            if key is None:  # a new setting (its key unique even where two settings share a config file's text)
+                key = r.group or r.setting_name
+                key = key if key not in out else f"{key}#{len(out)}"
             out.setdefault(key, []).append(r)
         return out
 
 
 def _same_setting(a: RunRecord, b: RunRecord) -> bool:
+    if a.setting != b.setting:  # other swept values: never one setting
+        return False
     if a.identity is not None and b.identity is not None:
         return a.identity.same_setting(b.identity)
-    return (a.group or a.setting_name) == (b.group or b.setting_name)
+    if a.group and b.group and a.group == b.group:  # sweep.json's setting id of a run not started yet
+        return True
+    return a.setting_name == b.setting_name and a.rounds == b.rounds  # nothing better known
 
 
 def value_text(v, sep: str = "+") -> str:
