@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -374,7 +375,8 @@ def _synced(device: torch.device) -> float:
 
 
 def _progress(cfg: Config, is_main: bool, start: int):
-    if not (is_main and cfg.run.progress):
+    """tqdm's bar on a terminal only: redirected into a log file, its carriage returns are noise."""
+    if not (is_main and cfg.run.progress and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
 

@@ -339,7 +339,8 @@ def _run_here(spec: SweepSpec, out: Path, planned: list[PlannedRun], todo: list[
 
 def _final(spec: SweepSpec, out: Path, planned: list[PlannedRun], kind: str, jobs: dict[str, JobRef],
            echo) -> int:
-    """Re-read every run's state, record it, say what is not finished; 0 if every run finished."""
+    """Re-read every run's state, record it, say what is not finished; 0 if every run this command started
+    finished."""
     states = {}
     asked = JobStates((jobs.get(p.run.name, p.job) for p in planned), accounting=True)  # one squeue for all
     for p in planned:
@@ -348,13 +349,16 @@ def _final(spec: SweepSpec, out: Path, planned: list[PlannedRun], kind: str, job
         states[p.run.name] = st.state
         p.status = st
     write_manifest(out, spec, planned, kind, jobs, states)
-    bad = [p for p in planned if p.status.state != "finished"]
+    unfinished = [p for p in planned if p.status.state != "finished"]
+    bad = [p for p in unfinished if p.run.name in jobs]  # of the runs this command started
     for p in bad:
         log_hint = ""
         job = jobs.get(p.run.name, p.job)
         if job is not None and job.executor != "debug":
             log_hint = f"; log: {shown(job.log_paths()[1])}"
         echo(f"not finished: {p.run.name}: {p.status.state} ({p.status.detail}){log_hint}", file=sys.stderr)
-    echo(f"sweep {spec.name}: {len(planned) - len(bad)}/{len(planned)} runs finished; "
-         f"`fedpeft-hpc report {shown(out)}` writes the tables and plots")
+    left = len(unfinished) - len(bad)
+    echo(f"sweep {spec.name}: {len(planned) - len(unfinished)}/{len(planned)} runs finished"
+         + (f" ({left} not started by this command: --only, --max-attempts)" if left else "")
+         + f"; `fedpeft-hpc report {shown(out)}` writes the tables and plots")
     return 0 if not bad else 1
