@@ -34,6 +34,7 @@ def submit(cfg: Config, profile: ClusterProfile, executor: str = "auto", wait: b
     from fedpeft_hpc.preflight import Preflight
     from fedpeft_hpc.launchers.runstate import read_summary, summary_signature
     from fedpeft_hpc.runs.lease import lease_for_submission
+    from fedpeft_hpc.runs.rundir import RunDir
 
     run_dir = Path(cfg.run.dir).expanduser().resolve()
     cfg.run.dir = str(run_dir)  # the job may start in another directory (profile setup lines)
@@ -65,6 +66,7 @@ def submit(cfg: Config, profile: ClusterProfile, executor: str = "auto", wait: b
         return 0
     ref = JobRef(kind, str(job.job_id), str(folder))
     lease_for_submission(run_dir, kind, ref.job_id, folder)  # a second submission is refused while this job lives
+    RunDir(run_dir).write_planned_config(cfg)
     out, err = ref.log_paths()
     echo(f"submitted {kind} job {ref.job_id}")
     echo(f"logs: {out}\n      {err}")

@@ -229,8 +229,10 @@ def _plan_and_run(spec: SweepSpec, out: Path, executor: str, profile: ClusterPro
 def _submitted(p: PlannedRun, ref: JobRef) -> None:
     """The run belongs to its job now: its lease names it (a second submission is refused), one attempt more."""
     from fedpeft_hpc.runs.lease import lease_for_submission
+    from fedpeft_hpc.runs.rundir import RunDir
 
     lease_for_submission(p.dir, ref.executor, ref.job_id, Path(ref.folder))
+    RunDir(p.dir).write_planned_config(p.cfg)
     p.attempts += 1
 
 

@@ -134,6 +134,13 @@ class RunDir:
             raise ConfigError(diff[0][0], f"{self.path} holds a run with a different config ({shown}); "
                                           "choose a new run.dir or use the same config to resume")
 
+    def write_planned_config(self, cfg: Config) -> None:
+        """``submit``/``sweep``: the resolved config of a run whose job waits in the queue (``status`` shows its
+        rounds); a config already there is the run's own and is never replaced here."""
+        if self.is_main and not self.config_path.is_file():
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.config_path, dump_yaml(cfg))
+
     def write_identity(self, cfg: Config, data_fingerprint: int) -> None:
         """``identity.json``: what this run computes (``runs/identity``), for sweeps and reports."""
         if self.is_main:
