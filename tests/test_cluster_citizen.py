@@ -284,3 +284,80 @@ def test_no_progress_bar_in_logs(tmp_path):
     res = run_cli("train", str(QUICKSTART), *tiny_overrides(d), "run.progress=true")
     assert res.returncode == 0, res.stderr[-2000:]
     assert "\r" not in res.stderr and "\r" not in (d / "train.log").read_text()
+
+
+# -- 5: profiles that fit the cluster --------------------------------------------------------------------------
+def _preview(tmp_path: Path, text: str) -> str:
+    from fedpeft_hpc.launchers.executor import auto_parameters, sbatch_preview
+    from fedpeft_hpc.launchers.profile import load_profile
+
+    (tmp_path / "p.yaml").write_text(text)
+    profile = load_profile(tmp_path / "p.yaml")
+    return sbatch_preview(tmp_path, auto_parameters(profile, "slurm", "x"), python=profile.python)
+
+
+def test_profiles_infer_tasks_from_gres_render_booleans_and_choose_the_python(tmp_path, capsys):
+    script = _preview(tmp_path, "sbatch: {gres: 'gpu:a100:4', exclusive: false, requeue: true}\n"
+                                "python: apptainer exec /img/fedpeft.sif python\n")
+    assert "#SBATCH --ntasks-per-node=4" in script  # one rank per GPU of the gres (was 1: 2 ranks on 8 GPUs)
+    assert "#SBATCH --gres=gpu:a100:4" in script and "#SBATCH --requeue" in script
+    assert "exclusive" not in script  # false: left out (was `--exclusive=False`)
+    assert "apptainer exec /img/fedpeft.sif python -u -m submitit.core._submit" in script
+    (tmp_path / "bad.yaml").write_text("gpus_per_node: 2\nsbatch: {gres: 'gpu:4'}\n")
+    rc = main(["submit", str(QUICKSTART), *tiny_overrides(tmp_path / "r"), "--cluster", str(tmp_path / "bad.yaml"),
+               "--dry-run", "--executor", "slurm"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "gpus_per_node: 2 GPUs per node, but sbatch" in err and "requests 4" in err
+
+
+def test_slurm_cpus_per_task_sets_threads_without_submitit(keep_threads):
+    from fedpeft_hpc.comm.runtime import Runtime
+    from fedpeft_hpc.config.schema import CommConfig
+
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1", "SLURM_LOCALID": "0",
+           "SLURM_CPUS_PER_TASK": "1"}
+    Runtime.start(CommConfig(device="cpu"), env=env).close()  # what srun and sbatch give a task
+    assert torch.get_num_threads() == 1
+
+
+@pytest.fixture
+def keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_a_time_budget_below_the_measured_need_is_warned_about(tmp_path):
+    from fedpeft_hpc.config import load_config
+    from fedpeft_hpc.launchers.profile import ClusterProfile
+    from fedpeft_hpc.launchers.timebudget import budget_warning
+
+    d, other = tmp_path / "new", tmp_path / "measured"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text("".join(json.dumps({"round": k, "wall_s": 600.0}) + "\n" for k in (1, 2)))
+    cfg = load_config(QUICKSTART, [f"run.dir={d}", "fed.rounds=120"])  # 120 rounds x 10 min = 20 h
+    profile = ClusterProfile(time_min=240, max_requeues=3)  # 4 allocations of 4 h = 16 h
+    warning = budget_warning(profile, "slurm", cfg, d, [other])
+    assert warning and "needs about 20.0 h" in warning and "= 16.0 h" in warning and str(other) in warning
+    assert budget_warning(ClusterProfile(time_min=240, max_requeues=4), "slurm", cfg, d, [other]) is None
+    assert budget_warning(profile, "slurm", cfg, d) is None  # no measured rate: nothing is claimed
+
+
+def test_a_sweep_lock_without_flock(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from fedpeft_hpc.errors import UserError
+    from fedpeft_hpc.launchers import sweep
+
+    def no_flock(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    out = tmp_path / "out"
+    with sweep._locked(out):
+        assert (out / ".sweep.lock.d" / "holder").is_file()
+        with pytest.raises(UserError, match="no flock: if that command is gone, remove"):
+            with sweep._locked(out):
+                pass
+    assert not (out / ".sweep.lock.d").exists()

@@ -166,7 +166,8 @@ def test_submitted_job_requeued_at_its_time_limit_resumes_exactly(slurm, referen
     out = capsys.readouterr().out
     assert not waiter.is_alive() and done.get("rc") == 0, f"{done}\n{out}"
     assert f"submitted slurm job {job}" in out
-    assert out.strip().splitlines()[-2] == f"job {job}: COMPLETED"  # --wait followed it through the requeue
+    # --wait followed it through the requeue, until the run's summary.json (one squeue per 30 s at most)
+    assert out.strip().splitlines()[-2] == f"job {job}: run finished (summary.json written)"
     logs = "".join(p.read_text() for p in sorted((d / "slurm").glob(f"{job}_0_log.*")))
     assert "Requeued job" in logs  # submitit's handler requeued it (not a restart from scratch)
     _assert_resumed_exactly(d, logs, reference, job)

@@ -33,6 +33,7 @@ def submit(cfg: Config, profile: ClusterProfile, executor: str = "auto", wait: b
     from fedpeft_hpc.launchers.job import TrainJob
     from fedpeft_hpc.preflight import Preflight
     from fedpeft_hpc.launchers.runstate import read_summary, summary_signature
+    from fedpeft_hpc.launchers.timebudget import budget_warning
     from fedpeft_hpc.runs.lease import lease_for_submission
     from fedpeft_hpc.runs.rundir import RunDir
 
@@ -46,11 +47,14 @@ def submit(cfg: Config, profile: ClusterProfile, executor: str = "auto", wait: b
     what = (f"{cfg.peft.method} on {cfg.data.name}: {checked.trainable_params:,} trainable parameters, "
             f"{profile.nodes} node(s) x {profile.tasks} task(s)")
     echo(f"run {run_dir}: {what}" + (" (continues the run in it)" if checked.resumes else ""))
+    warning = budget_warning(profile, kind, cfg, run_dir)
+    if warning:
+        echo(warning, file=sys.stderr)
     if checked.weights_built_by_job:
         echo(f"model.checkpoint {cfg.model.checkpoint} does not exist yet: the job builds it "
              f"(model.pretrain_recipe={cfg.model.pretrain_recipe})")
     if dry_run:
-        echo(sbatch_preview(folder, params) if kind == "slurm" else local_preview(params))
+        echo(sbatch_preview(folder, params, python=profile.python) if kind == "slurm" else local_preview(params))
         echo(f"every task runs TrainJob(run.dir={run_dir}): one rank of `fedpeft-hpc train` with the resolved "
              "config")
         echo("dry run: nothing was submitted")
@@ -73,7 +77,8 @@ def submit(cfg: Config, profile: ClusterProfile, executor: str = "auto", wait: b
     echo(f"run dir: {run_dir}")
     if not wait:
         return 0
-    final = wait_for({"job": ref}, on_change=lambda _, state: echo(f"job {ref.job_id}: {state or 'ended'}"),
+    shown = {"done": "run finished (summary.json written)", None: "ended"}
+    final = wait_for({"job": ref}, on_change=lambda _, state: echo(f"job {ref.job_id}: {shown.get(state, state)}"),
                      done=lambda _: summary_signature(run_dir) != before)
     summary = read_summary(run_dir)
     fresh = summary is not None and (summary_signature(run_dir) != before or outcome(ref) == "success")

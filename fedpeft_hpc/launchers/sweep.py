@@ -32,7 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from fedpeft_hpc.errors import ConfigError, UserError
 from fedpeft_hpc.launchers.jobstate import JobRef, JobStates, SlurmUnreachable
@@ -115,20 +115,60 @@ def _locked(out: Path) -> Iterator[None]:
     except OSError as e:
         raise UserError(f"--out {out}: cannot create the sweep directory ({e.strerror or e})") from None
     with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another `fedpeft-hpc sweep` is working on {out} right now; nothing was "
-                            "planned or submitted, run it again when that one is done") from None
+        release = _lock(out, f)
         ok = False
         try:
             yield
             ok = True
         finally:
+            release()
             if not ok and created and [p.name for p in out.iterdir()] == [".sweep.lock"]:
                 (out / ".sweep.lock").unlink()
                 out.rmdir()
-            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+BUSY = "another `fedpeft-hpc sweep` is working on {out} right now; nothing was planned or submitted, run it " \
+       "again when that one is done"
+
+
+def _lock(out: Path, f) -> Callable[[], None]:
+    """``flock`` on ``DIR/.sweep.lock``; on a file system without it (some NFS and Lustre mounts), a
+    directory ``DIR/.sweep.lock.d`` made atomically by ``mkdir`` and naming its holder. Returns the release."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return lambda: fcntl.flock(f, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise UserError(BUSY.format(out=out)) from None
+    except OSError:  # ENOLCK, EOPNOTSUPP, ENOSYS: no flock here
+        return _mkdir_lock(out)
+
+
+def _mkdir_lock(out: Path) -> Callable[[], None]:
+    import os
+    import socket
+
+    d, me = out / ".sweep.lock.d", f"{socket.gethostname()} {os.getpid()}"
+    try:
+        d.mkdir()
+    except FileExistsError:
+        try:
+            host, pid = (d / "holder").read_text().split()
+        except (OSError, ValueError):
+            host, pid = "?", "?"
+        gone = host == socket.gethostname() and pid.isdigit() and not Path(f"/proc/{pid}").exists()
+        if not gone:
+            raise UserError(BUSY.format(out=out) + f" (process {pid} on {host}; this file system has no flock: "
+                            f"if that command is gone, remove {d})") from None
+        log.warning("%s: taking over the sweep lock of process %s (gone)", out, pid)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot lock the sweep directory ({e.strerror or e})") from None
+    (d / "holder").write_text(me)
+
+    def release() -> None:
+        (d / "holder").unlink(missing_ok=True)
+        d.rmdir()
+
+    return release
 
 
 def _set_aside(run_dir: Path) -> None:
@@ -203,11 +243,13 @@ def _plan_and_run(spec: SweepSpec, out: Path, executor: str, profile: ClusterPro
     echo(f"sweep {spec.name}: {len(planned)} runs in {shown(out)} ("
          + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"); {len(todo)} to run")
     kind = resolve_kind(executor, submitting=bool(todo) and not dry_run)
+    _warn_time_budget(todo, planned, profile, kind, echo)
     if dry_run:
         echo(_table(planned))
         if todo and kind == "slurm":
             params = auto_parameters(profile, kind, f"fedpeft-{spec.name}", max_parallel)
-            echo("\nwould submit one job array:\n" + sbatch_preview(out / "slurm", params, array_size=len(todo)))
+            echo("\nwould submit one job array:\n" + sbatch_preview(out / "slurm", params, array_size=len(todo),
+                                                                   python=profile.python))
         elif todo:
             echo("\nwould run with the " + local_preview(auto_parameters(profile, kind, spec.name))
                  + f", at most {max_parallel or 1} at a time")
@@ -224,6 +266,21 @@ def _plan_and_run(spec: SweepSpec, out: Path, executor: str, profile: ClusterPro
     if kind == "slurm":
         return _run_slurm(spec, out, planned, todo, profile, max_parallel, wait, echo)
     return _run_here(spec, out, planned, todo, kind, profile, max_parallel or 1, echo)
+
+
+def _warn_time_budget(todo: list[PlannedRun], planned: list[PlannedRun], profile: ClusterProfile, kind: str,
+                      echo) -> None:
+    """The first run whose job may stop before it ends, at a measured rate (``timebudget``)."""
+    from fedpeft_hpc.launchers.timebudget import budget_warning
+
+    def like(p: PlannedRun) -> tuple:
+        return p.cfg.peft.method, p.cfg.model.name, p.cfg.data.name
+
+    for p in todo:
+        warning = budget_warning(profile, kind, p.cfg, p.dir, [q.dir for q in planned if like(q) == like(p)])
+        if warning:
+            echo(warning, file=sys.stderr)
+            return
 
 
 def _submitted(p: PlannedRun, ref: JobRef) -> None:
@@ -272,7 +329,7 @@ def _run_slurm(spec: SweepSpec, out: Path, planned: list[PlannedRun], todo: list
         return 0
 
     def on_change(name: str, state: str | None) -> None:
-        echo(f"  {jobs[name].job_id:<12} {name}: {state or 'gone'}")
+        echo(f"  {jobs[name].job_id:<12} {name}: {'finished' if state == 'done' else state or 'gone'}")
 
     jobstate.wait_for(jobs, on_change=on_change, done=lambda name: summary_signature(out / name) != before[name])
     return _final(spec, out, planned, "slurm", jobs, echo)
