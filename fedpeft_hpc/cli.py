@@ -202,7 +202,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         + (["--profile"] if args.profile else []) + ([f"--only {args.only}"] if args.only else []) \
         + ([f"--threads {args.threads}"] if args.threads else [])
     return run_bench(suite=args.suite, device=args.device, as_json=args.json,
-                     markdown=None if args.no_markdown else args.markdown, profile_ops=args.profile,
+                     markdown=None if args.no_markdown else args.markdown,
+                     out=None if args.no_markdown else args.out, profile_ops=args.profile,
                      only=[m for m in args.only.split(",") if m] if args.only else None, threads=args.threads,
                      command="fedpeft-hpc bench " + " ".join(flags))
 
@@ -346,7 +347,8 @@ def _add_bench_command(sub) -> None:
                        description="Every figure is a ratio of two measurements taken in this run on this machine "
                                    "(e.g. batched over sequential client training, or a federated round over "
                                    "centralized training at the same total batch). Prints a table and appends it "
-                                   "to BENCHMARKS.md; --json prints one JSON object with batched_speedup, "
+                                   "to DIR/bench.md (--out; BENCHMARKS.md only with --markdown); --json prints one "
+                                   "JSON object with batched_speedup, "
                                    "batching_bound, fl_efficiency, aggregation_share, memory_per_client_ratio and "
                                    "two_rank_speedup. The quick CPU suite takes a few minutes on 2 cores.")
     p.add_argument("--suite", choices=("quick", "full"), default="quick",
@@ -354,9 +356,11 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: ViT-B/16 at 224 px, bf16, client batch 16, 32 clients per rank")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the table goes to stderr)")
-    p.add_argument("--markdown", default="BENCHMARKS.md", metavar="PATH",
-                   help="append the rows to this Markdown table (default: BENCHMARKS.md)")
-    p.add_argument("--no-markdown", action="store_true", help="do not write BENCHMARKS.md")
+    p.add_argument("--out", default="runs/bench", metavar="DIR",
+                   help="append the rows to DIR/bench.md, a Markdown table (default: runs/bench)")
+    p.add_argument("--markdown", default=None, metavar="PATH",
+                   help="also append them to this Markdown table, e.g. the repository's BENCHMARKS.md")
+    p.add_argument("--no-markdown", action="store_true", help="write no file (--out and --markdown)")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top operators of the batched step and of centralized training")
     p.add_argument("--threads", type=int, default=0, metavar="N",

@@ -361,3 +361,29 @@ def test_a_sweep_lock_without_flock(tmp_path, monkeypatch):
             with sweep._locked(out):
                 pass
     assert not (out / ".sweep.lock.d").exists()
+
+
+# -- 6: bench writes where it says, BENCHMARKS.md only when asked ----------------------------------------------------
+def test_bench_writes_its_rows_under_a_named_directory_not_into_the_working_directory(tmp_path, monkeypatch):
+    from fedpeft_hpc.bench import registry
+    from fedpeft_hpc.bench.report import Row
+    from fedpeft_hpc.bench.run import run_bench
+
+    class Quick:
+        name = "quick"
+
+        @staticmethod
+        def fn(ctx):
+            return [Row("batched vs sequential clients", "bias, 2 clients", 1.5, key="batched_speedup")]
+
+    monkeypatch.setattr(registry, "measurements", lambda suite, device: [Quick])
+    monkeypatch.chdir(tmp_path)
+    n = torch.get_num_threads()
+    try:
+        assert run_bench(threads=1, out=str(tmp_path / "results")) == 0
+        assert not (tmp_path / "BENCHMARKS.md").exists()  # was appended to ./BENCHMARKS.md of any directory
+        assert "| batched vs sequential clients |" in (tmp_path / "results" / "bench.md").read_text()
+        assert run_bench(threads=1, out=None, markdown=str(tmp_path / "BENCHMARKS.md")) == 0  # when asked
+        assert (tmp_path / "BENCHMARKS.md").is_file()
+    finally:
+        torch.set_num_threads(n)
