@@ -31,7 +31,7 @@ import torch
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.data import DATASETS, DataBundle, build_datasets, get_builder
 from fedpeft_hpc.errors import ConfigError
-from fedpeft_hpc.federated.agreement import data_fingerprint
+from fedpeft_hpc.federated.agreement import labels_fingerprint
 from fedpeft_hpc.federated.federation import build_federation
 from fedpeft_hpc.models import BuiltModel, build_model
 from fedpeft_hpc.peft import count_params, get_method, registered_methods
@@ -108,11 +108,12 @@ class Preflight:
 
     def identity(self, cfg: Config, data: DataBundle) -> Identity:
         """The run's identity; the data and the weights file are fingerprinted once each."""
-        fp = self._once(_key("data_fp", id(data)), lambda: data_fingerprint(data.train_targets, data.train, data.test))
-        ckpt = expand_path(cfg.model.checkpoint) if cfg.model.checkpoint else None
+        fp = self._once(_key("data_fp", id(data)),  # no image is read on the login node
+                        lambda: labels_fingerprint(data.train_targets, len(data.train), len(data.test)))
+        ckpt = expand_path(cfg.model.checkpoint) if cfg.model.checkpoint and cfg.model.pretrained else None
         stat = ckpt.stat() if ckpt is not None and ckpt.is_file() else None
         weights = self._once(_key("weights", str(ckpt), stat and (stat.st_size, stat.st_mtime_ns)),
-                             lambda: file_fingerprint(cfg.model.checkpoint))
+                             lambda: file_fingerprint(str(ckpt)) if ckpt is not None else None)
         return identity_of(cfg, fp, weights)
 
     def check(self, cfg: Config, run_dir: bool = True) -> Checked:

@@ -28,7 +28,8 @@ from fedpeft_hpc.data import BatchSources, partition_stats, save_partition
 from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.aggregate import RoundBuffer, RoundStats, update_is_valid
 from fedpeft_hpc.federated.agreement import (backbone_fingerprint, check_agreement, check_resume, config_fingerprint,
-                                             data_fingerprint, partition_fingerprint, state_fingerprint)
+                                             data_fingerprint, labels_fingerprint, partition_fingerprint,
+                                             state_fingerprint)
 from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob
 from fedpeft_hpc.federated.client import local_train, make_optimizer
 from fedpeft_hpc.federated.client_batch import plan_client_batch
@@ -127,7 +128,8 @@ class FederatedTrainer:
                             else self.fed.privacy.wrap_model(self.model))  # may still refuse the model
         self.accumulate_s = 0.0
         self.rundir.start(cfg, resume)
-        self.rundir.write_identity(cfg, self.fingerprints["data"])
+        data = self.fed.data
+        self.rundir.write_identity(cfg, labels_fingerprint(data.train_targets, len(data.train), len(data.test)))
         # from here on this process's log also goes to the run directory (until fit() ends or close())
         self._detach_log = log_to_file(self.rundir.log_path(comm.rank), comm.rank, comm.world_size)
         self.fed.privacy.use_noise(self.noise_key)

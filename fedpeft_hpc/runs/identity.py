@@ -3,8 +3,9 @@
 A run's identity is a hash of its fully resolved config without the keys that do not change
 what it computes (``run.*``: its directory, progress bar, threads, checkpointing; ``comm.*``;
 per-node paths and resources, which are fingerprinted or irrelevant instead), plus the
-fingerprint of its weights file (``model.checkpoint``, by content) and of its data
-(``federated.agreement.data_fingerprint``, the one the ranks agree on). Its *setting* is the same
+fingerprint of its weights file (``model.checkpoint``, by content) and of its data (its labels and
+split sizes: ``federated.agreement.labels_fingerprint``, the part of the fingerprint the ranks agree
+on that reads no image, so a login node computes it too). Its *setting* is the same
 without the seed: the report averages the runs of one setting, never runs that differ in anything
 else (``fed.rounds`` included).
 
@@ -88,10 +89,12 @@ def file_fingerprint(path: str | None) -> str | None:
 def identity_of(cfg: Config, data_fingerprint: int | str | None, weights: str | None = None) -> Identity:
     """``cfg``'s identity; ``weights``: its weights file's fingerprint if already known."""
     keys = _keys(cfg)
+    if weights is None and cfg.model.pretrained:  # without pretrained weights model.checkpoint is not read
+        weights = file_fingerprint(cfg.model.checkpoint)
     data = None if data_fingerprint is None else (f"{data_fingerprint:016x}" if isinstance(data_fingerprint, int)
                                                    else str(data_fingerprint))
     return Identity(config=_digest(keys), setting=_digest({k: v for k, v in keys.items() if k != "seed"}),
-                    weights=weights if weights is not None else file_fingerprint(cfg.model.checkpoint),
+                    weights=weights,
                     data=data)
 
 
