@@ -310,21 +310,19 @@ def test_profiles_infer_tasks_from_gres_render_booleans_and_choose_the_python(tm
     assert rc == 2 and "gpus_per_node: 2 GPUs per node, but sbatch" in err and "requests 4" in err
 
 
-def test_slurm_cpus_per_task_sets_threads_without_submitit(keep_threads):
+def test_slurm_cpus_per_task_sets_threads_without_submitit():
     from fedpeft_hpc.comm.runtime import Runtime
     from fedpeft_hpc.config.schema import CommConfig
 
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "1", "SLURM_LOCALID": "0",
            "SLURM_CPUS_PER_TASK": "1"}
-    Runtime.start(CommConfig(device="cpu"), env=env).close()  # what srun and sbatch give a task
-    assert torch.get_num_threads() == 1
-
-
-@pytest.fixture
-def keep_threads():
     n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+    try:
+        torch.set_num_threads(2)
+        Runtime.start(CommConfig(device="cpu"), env=env).close()  # what srun and sbatch give a task
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(n)
 
 
 def test_a_time_budget_below_the_measured_need_is_warned_about(tmp_path):

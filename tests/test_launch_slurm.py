@@ -260,18 +260,7 @@ def test_sweep_with_an_invalid_value_exits_2_and_submits_nothing(slurm, tmp_path
 
 
 # -- a good citizen of a shared cluster (issue 17) -------------------------------------------------------------
-FOUR = """\
-base: {base}
-name: four
-grid:
-  peft.method: [bias, lora]
-overrides:
-  run: {{progress: false, threads: 1}}
-  model.pretrained: false
-  fed: {{rounds: 2, local_epochs: 1, num_clients: 8, clients_per_round: 4}}
-  data.min_samples: 10
-seeds: [1, 2]
-"""
+FOUR = SWEEP.replace("name: grid2x2", "name: four").replace("  optim.lr: [0.05, {lr}]\n", "")  # 2 methods x 2 seeds
 
 
 def counting_path(tmp_path: Path) -> tuple[str, Path]:
