@@ -385,3 +385,20 @@ def test_bench_writes_its_rows_under_a_named_directory_not_into_the_working_dire
         assert (tmp_path / "BENCHMARKS.md").is_file()
     finally:
         torch.set_num_threads(n)
+
+
+def test_without_sweep_json_a_running_job_is_known_by_its_lease_and_not_submitted_again(tmp_path, capsys,
+                                                                                       monkeypatch):
+    spec = _sweep(tmp_path, "l.yaml", "  peft.method: [head]\n", "  model.pretrained: false\n")
+    out = tmp_path / "out"
+    d = out / "seed=1"
+    (d / "checkpoints").mkdir(parents=True)
+    (d / "checkpoints" / "latest.safetensors").write_bytes(b"between two checkpoints of a live job")
+    (d / "metrics.jsonl").write_text('{"round": 1}\n')
+    (d / "lease.json").write_text(json.dumps({"job": "55_0", "executor": "slurm", "folder": str(out / "slurm"),
+                                              "host": "login", "pid": None, "since": "2026-12-04T10:00:00"}))
+    bin_dir = fake_tools(tmp_path, squeue='echo "55_0|RUNNING|0:10:00|N/A"')
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    rc, stdout, err = cli(capsys, "sweep", str(spec), "--out", str(out), "--dry-run")  # no sweep.json
+    assert rc == 0, err[-2000:]
+    assert "(1 running); 0 to run" in stdout and "[job 55_0]" in stdout
