@@ -402,3 +402,9 @@ def test_without_sweep_json_a_running_job_is_known_by_its_lease_and_not_submitte
     rc, stdout, err = cli(capsys, "sweep", str(spec), "--out", str(out), "--dry-run")  # no sweep.json
     assert rc == 0, err[-2000:]
     assert "(1 running); 0 to run" in stdout and "[job 55_0]" in stdout
+    # its job gone (cancelled): interrupted, resumed; the stale lease is judged by the plan's one squeue
+    calls = tmp_path / "calls"
+    (bin_dir / "squeue").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    rc, stdout, err = cli(capsys, "sweep", str(spec), "--out", str(out), "--dry-run")
+    assert rc == 0 and "(1 interrupted); 1 to run" in stdout, err[-2000:]
+    assert len(calls.read_text().splitlines()) == 1

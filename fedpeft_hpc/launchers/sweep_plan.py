@@ -86,17 +86,31 @@ def existing_identities(out: Path) -> dict[str, Identity]:
 def _place(run: SweepRun, ident: Identity, existing: dict[str, Identity], out: Path) -> SweepRun:
     """The run under the name of the directory that holds the same computation, if one does; an error
     when a directory holds the same config with other weights or data."""
-    same = [name for name, other in existing.items() if other.config == ident.config]
-    for name in sorted(same, key=lambda n: n != run.name):  # its own name first
-        differ = ident.differs_in(existing[name])
-        if not differ:
+    same = sorted((name for name, other in existing.items() if other.config == ident.config),
+                  key=lambda n: n != run.name)  # its own name first
+    for name in same:
+        if not ident.differs_in(existing[name]):
             return dataclasses.replace(run, name=name)
+    if same:
+        differ = ident.differs_in(existing[same[0]])
         what = " and ".join({"weights": "other weights (model.checkpoint's content)",
                              "data": "other data (data.root's content)"}[d] for d in differ)
         raise ConfigError("model.checkpoint" if "weights" in differ else "data.root",
-                          f"{out / name} holds a run of this config trained with {what}; its results are "
+                          f"{out / same[0]} holds a run of this config trained with {what}; its results are "
                           "not this run's: use another --out for these weights or data")
     return run
+
+
+def _lease_alive(states: JobStates):
+    """Whether a lease's holder lives, from the plan's one scheduler query where the lease names a SLURM job."""
+    from fedpeft_hpc.runs.lease import lease_alive
+
+    def alive(lease: dict) -> bool:
+        if lease.get("job") and lease.get("executor") == "slurm":
+            return states.info(JobRef("slurm", str(lease["job"]), "")).active
+        return lease_alive(lease)
+
+    return alive
 
 
 def _check_same_config(cfg: Config, run_dir: Path, status: RunStatus) -> None:
@@ -153,7 +167,7 @@ def plan(spec: SweepSpec, out: Path, pre: Preflight) -> list[PlannedRun]:
                 _check_same_config(cfg, run_dir, status)
             # a failed run without a checkpoint starts afresh (its files are set aside first)
             if status.state in TO_RUN and not (status.state == "failed" and not status.checkpoint):
-                RunDir(run_dir, is_main=False).check(cfg)  # resume policy, same config, its lease
+                RunDir(run_dir, is_main=False).check(cfg, lease_alive=_lease_alive(states))  # resume, config, lease
         except SlurmUnreachable:
             raise  # not this run's fault: no run's state can be known
         except UserError as e:

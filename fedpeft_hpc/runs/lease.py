@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Callable
 
 from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.utils.files import atomic_write_json
@@ -95,13 +96,14 @@ def lease_alive(lease: dict) -> bool:
     return True
 
 
-def check_lease(run_dir: Path) -> dict | None:
+def check_lease(run_dir: Path, alive: Callable[[dict], bool] | None = None) -> dict | None:
     """Raise ``ConfigError`` (exit 2) if another live job or process holds ``run_dir``; returns a stale
-    lease of someone else (to be taken over), else ``None``. Reads only."""
+    lease of someone else (to be taken over), else ``None``. Reads only. ``alive``: ``lease_alive`` unless
+    the caller knows better (a sweep asked the scheduler about all its runs' jobs at once)."""
     lease = read_lease(run_dir)
     if lease is None or is_ours(lease):
         return None
-    if lease_alive(lease):
+    if (alive or lease_alive)(lease):
         how = (f"`fedpeft-hpc cancel {run_dir}` stops it" if lease.get("job") else
                f"if that process is gone, remove {Path(run_dir) / LEASE}")
         raise ConfigError("run.dir", f"{run_dir} is leased by {holder_text(lease)} (since {lease.get('since')}, "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from fedpeft_hpc.config.load import dotted, dump_yaml, to_dict
 from fedpeft_hpc.config.schema import Config
@@ -42,15 +43,15 @@ class RunDir:
         self.superseded_path = self.path / "metrics.superseded.jsonl"
 
     # -- start / resume ---------------------------------------------------------------
-    def check(self, cfg: Config) -> bool:
+    def check(self, cfg: Config, lease_alive: Callable[[dict], bool] | None = None) -> bool:
         """Every check of a start or resume, reading only (``fedpeft-hpc submit``/``sweep`` run them
         on the login node). Returns whether the run continues one in this directory: from
         ``checkpoints/latest.safetensors``, or (``run.resume=auto``, metrics but no checkpoint yet)
-        from round 0."""
+        from round 0. ``lease_alive``: how to tell whether a lease's holder lives (default: ask about it alone)."""
         problem = usable_dir_problem(self.path)
         if problem:
             raise ConfigError("run.dir", f"{problem}; give a directory to hold the run")
-        check_lease(self.path)  # another live job or process trains here: exit 2 naming it
+        check_lease(self.path, lease_alive)  # another live job or process trains here: exit 2 naming it
         has_ckpt = self.latest.is_file()
         has_run = has_ckpt or self.metrics_path.is_file() or self.summary_path.is_file()
         mode = cfg.run.resume
