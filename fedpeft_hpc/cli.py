@@ -230,7 +230,9 @@ def _add_run_commands(sub) -> None:
                        description="Run one federated training. The same command works as one process and "
                                    "under torchrun, mpiexec or srun; results do not depend on the number of "
                                    "processes. Writes run.dir/{config.yaml,metrics.jsonl,summary.json,"
-                                   "checkpoints/}.")
+                                   "checkpoints/}. A run.dir that holds a run is continued from its checkpoint, "
+                                   "also to a larger fed.rounds (not under DP); one leased by another live job "
+                                   "or process (lease.json) is refused.")
     _config_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -291,7 +293,9 @@ def _add_cluster_commands(sub) -> None:
                                    "DIR, check every run's config before anything runs (a bad value exits 2 "
                                    "naming the run and the key), write DIR/sweep.json, and run the runs that are "
                                    "new, interrupted (resumed) or failed: on SLURM as one job array, locally at "
-                                   "most --max-parallel at a time. Finished and running runs are skipped.")
+                                   "most --max-parallel at a time. Finished, queued and running runs are "
+                                   "skipped; runs are known by what they compute (config, weights, data), not "
+                                   "by their names.")
     p.add_argument("sweep", help="sweep file (YAML)")
     p.add_argument("--out", metavar="DIR", help="sweep directory (default: runs/NAME, NAME from the sweep file)")
     p.add_argument("--max-parallel", type=_count(1), metavar="N",
