@@ -346,17 +346,17 @@ def test_a_sweep_lock_without_flock(tmp_path, monkeypatch):
     import fcntl
 
     from fedpeft_hpc.errors import UserError
-    from fedpeft_hpc.launchers import sweep
+    from fedpeft_hpc.launchers.sweep_lock import locked
 
     def no_flock(*_):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_flock)
     out = tmp_path / "out"
-    with sweep._locked(out):
+    with locked(out):
         assert (out / ".sweep.lock.d" / "holder").is_file()
         with pytest.raises(UserError, match="no flock: if that command is gone, remove"):
-            with sweep._locked(out):
+            with locked(out):
                 pass
     assert not (out / ".sweep.lock.d").exists()
 

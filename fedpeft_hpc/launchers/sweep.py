@@ -14,8 +14,8 @@
 A failed run that left metrics but no checkpoint has its ``metrics.jsonl`` and ``config.yaml``
 moved to ``failed-N/`` inside its directory before it runs again (nothing is deleted).
 
-One sweep command works on a directory at a time: the lock (``DIR/.sweep.lock``) is taken before
-planning, so a second command never plans from states the first is changing; it exits 2. A run's
+One sweep command works on a directory at a time: the lock (``DIR/.sweep.lock``, ``sweep_lock``) is
+taken before planning, so a second command never plans from states the first is changing; it exits 2. A run's
 ``state`` in the manifest is one of ``runstate.STATES`` (just submitted to SLURM: ``queued``).
 Runs the manifest lists from an earlier version of the sweep file whose directory exists stay in
 it with ``"in_sweep": false``: never run again, but reported (they are finished runs in DIR).
@@ -24,19 +24,17 @@ it with ``"in_sweep": false``: never run again, but reported (they are finished 
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import json
 import logging
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from fedpeft_hpc.errors import ConfigError, UserError
 from fedpeft_hpc.launchers.jobstate import JobRef, JobStates, SlurmUnreachable
 from fedpeft_hpc.launchers.manifest import FORMAT, MANIFEST, read_manifest
+from fedpeft_hpc.launchers.sweep_lock import locked as _locked
 from fedpeft_hpc.launchers.profile import ClusterProfile
 from fedpeft_hpc.launchers.runstate import STATES, run_status, summary_signature
 from fedpeft_hpc.launchers.sweep_plan import PlannedRun, plan, run_overrides
@@ -100,75 +98,6 @@ def shown(path: Path) -> str:
         return str(Path(path).relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-@contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """One sweep command per directory at a time (a second would start the same runs again). A
-    directory this call created is removed again if the body fails before writing anything else."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory; give the sweep directory")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        f = open(out / ".sweep.lock", "w")
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create the sweep directory ({e.strerror or e})") from None
-    with f:
-        release = _lock(out, f)
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            release()
-            if not ok and created and [p.name for p in out.iterdir()] == [".sweep.lock"]:
-                (out / ".sweep.lock").unlink()
-                out.rmdir()
-
-
-BUSY = "another `fedpeft-hpc sweep` is working on {out} right now; nothing was planned or submitted, run it " \
-       "again when that one is done"
-
-
-def _lock(out: Path, f) -> Callable[[], None]:
-    """``flock`` on ``DIR/.sweep.lock``; on a file system without it (some NFS and Lustre mounts), a
-    directory ``DIR/.sweep.lock.d`` made atomically by ``mkdir`` and naming its holder. Returns the release."""
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return lambda: fcntl.flock(f, fcntl.LOCK_UN)
-    except BlockingIOError:
-        raise UserError(BUSY.format(out=out)) from None
-    except OSError:  # ENOLCK, EOPNOTSUPP, ENOSYS: no flock here
-        return _mkdir_lock(out)
-
-
-def _mkdir_lock(out: Path) -> Callable[[], None]:
-    import os
-    import socket
-
-    d, me = out / ".sweep.lock.d", f"{socket.gethostname()} {os.getpid()}"
-    try:
-        d.mkdir()
-    except FileExistsError:
-        try:
-            host, pid = (d / "holder").read_text().split()
-        except (OSError, ValueError):
-            host, pid = "?", "?"
-        gone = host == socket.gethostname() and pid.isdigit() and not Path(f"/proc/{pid}").exists()
-        if not gone:
-            raise UserError(BUSY.format(out=out) + f" (process {pid} on {host}; this file system has no flock: "
-                            f"if that command is gone, remove {d})") from None
-        log.warning("%s: taking over the sweep lock of process %s (gone)", out, pid)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot lock the sweep directory ({e.strerror or e})") from None
-    (d / "holder").write_text(me)
-
-    def release() -> None:
-        (d / "holder").unlink(missing_ok=True)
-        d.rmdir()
-
-    return release
 
 
 def _set_aside(run_dir: Path) -> None:
