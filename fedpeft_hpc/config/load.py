@@ -116,6 +116,24 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(key, f"unsupported type {tp}")  # pragma: no cover - schema bug
 
 
+def typed_value(key: str, value: Any) -> Any:
+    """``value`` as the dotted ``key`` declares it (``1`` -> ``1.0`` for a float key, ``"1e-3"`` -> ``0.001``);
+    unchanged where the key is unknown or the value does not convert (validation says so later)."""
+    cls: Any = Config
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cls = _hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return value
+    tp = _hints(cls).get(parts[-1])
+    if tp is None or dataclasses.is_dataclass(tp):
+        return value
+    try:
+        return _coerce(key, value, tp)
+    except ConfigError:
+        return value
+
+
 def check_value(key: str, value: Any, meta: dict) -> None:
     """``value`` against a field's metadata (``schema.opt``): allowed values and bounds."""
     choices = meta.get("choices")

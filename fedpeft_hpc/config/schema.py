@@ -39,7 +39,7 @@ class RunConfig:
     checkpoint_every: int = opt(1, "write the global PEFT state every N rounds (and always at the end)", min=1)
     keep_checkpoints: int = opt(2, "how many round checkpoints to keep besides latest (0: only latest)", min=0)
     threads: int = opt(0, "CPU threads per process (0: cores / processes on this node)", min=0)
-    progress: bool = opt(True, "show a progress bar on rank 0")
+    progress: bool = opt(True, "show a progress bar on rank 0 (only when its stderr is a terminal)")
     tensorboard: bool = opt(False, "also write every round's metrics as TensorBoard scalars to run.dir/tensorboard "
                                    "(needs the tensorboard package)")
     log_level: str = opt("info", "logging level", choices=("debug", "info", "warning", "error"))

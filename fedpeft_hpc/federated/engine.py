@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,8 @@ from fedpeft_hpc.data import BatchSources, partition_stats, save_partition
 from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.aggregate import RoundBuffer, RoundStats, update_is_valid
 from fedpeft_hpc.federated.agreement import (backbone_fingerprint, check_agreement, check_resume, config_fingerprint,
-                                             data_fingerprint, partition_fingerprint, state_fingerprint)
+                                             data_fingerprint, labels_fingerprint, partition_fingerprint,
+                                             state_fingerprint)
 from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob
 from fedpeft_hpc.federated.client import local_train, make_optimizer
 from fedpeft_hpc.federated.client_batch import plan_client_batch
@@ -156,6 +158,8 @@ class FederatedTrainer:
                             else self.fed.privacy.wrap_model(self.model))  # may still refuse the model
         self.accumulate_s = 0.0
         self.rundir.start(cfg, resume)
+        data = self.fed.data
+        self.rundir.write_identity(cfg, labels_fingerprint(data.train_targets, len(data.train), len(data.test)))
         # from here on this process's log also goes to the run directory (until fit() ends or close())
         self._detach_log = log_to_file(self.rundir.log_path(comm.rank), comm.rank, comm.world_size)
         self.fed.privacy.use_noise(self.noise_key)
@@ -403,9 +407,10 @@ class FederatedTrainer:
         return MetricsSinks(sinks)
 
     def close(self) -> None:
-        """Stop writing this process's log to the run directory. Safe to call twice."""
+        """Free the run directory (its lease) and stop writing this process's log to it. Safe to call twice."""
         self.client_parts.close()
         self.compression.close()
+        self.rundir.release_lease()
         if self._detach_log is not None:
             self._detach_log()
             self._detach_log = None
@@ -441,6 +446,7 @@ class FederatedTrainer:
                         self.comm.barrier(tag="client_state")  # the checkpoint exists before journals go
                         self.client_parts.after_checkpoint(r, self.comm.rank)
                         self.compression.after_checkpoint(r, self.comm.rank)
+                self.rundir.refresh_lease()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_postfix(row, self.last_acc))
@@ -544,7 +550,8 @@ def _synced(device: torch.device) -> float:
 
 
 def _progress(cfg: Config, is_main: bool, start: int):
-    if not (is_main and cfg.run.progress):
+    """tqdm's bar on a terminal only: redirected into a log file, its carriage returns are noise."""
+    if not (is_main and cfg.run.progress and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
 

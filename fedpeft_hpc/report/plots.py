@@ -59,9 +59,23 @@ def curves(coll: Collection, metric: str = "test_acc", up_only: bool = False) ->
             mb_mean.append(np.mean(mbs))
         done = sum(r.finished for r in recs)
         what = coll.label(recs[0])
+        if sum(coll.label(rs[0]) == what for rs in coll.settings().values()) > 1:  # same name, other computation
+            what += f", rounds={recs[0].rounds}"
         label = f"{what} (n={done})" if done == len(recs) else f"{what} ({done}/{len(recs)} finished)"
         out.append(Curve(label, np.array(rounds), np.array(acc_mean), np.array(acc_std), np.array(mb_mean)))
     return out
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (MB, accuracy) points that no other point beats with fewer or equal MB and higher or equal
+    accuracy (one strictly better), sorted by MB; points without a finite MB (bytes withheld under DP) are left out."""
+    front, best = [], -float("inf")
+    finite = [(mb, acc) for mb, acc in points if math.isfinite(mb) and math.isfinite(acc)]
+    for mb, acc in sorted(finite, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((mb, acc))
+            best = acc
+    return front
 
 
 def _figure(title: str, xlabel: str, panels: int, ylabel: str = "test accuracy (top-1)"):
@@ -138,6 +152,12 @@ def plot_accuracy_vs_bytes(coll: Collection, path: Path, panels: list[str] | Non
             (line,) = ax.plot(c.mb_mean, c.acc_mean, marker="o", markersize=3, label=c.label)
             ax.fill_between(c.mb_mean, c.acc_mean - c.acc_std, c.acc_mean + c.acc_std, color=line.get_color(),
                             alpha=0.2, linewidth=0)
+        # the settings' last evaluated points that no other setting beats at equal or lower cost
+        front = pareto_front([(float(c.mb_mean[-1]), float(c.acc_mean[-1])) for c in cs]) if len(cs) > 1 else []
+        if front:
+            xs, ys = zip(*front)
+            ax.plot(xs, ys, color="black", linestyle="--", linewidth=1, marker="*", markersize=9, zorder=5,
+                    label="Pareto front (last rounds)")
         if cs:
             from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -148,5 +168,5 @@ def plot_accuracy_vs_bytes(coll: Collection, path: Path, panels: list[str] | Non
             mbs = mbs[np.isfinite(mbs)]
             lo, hi = (mbs.min(), mbs.max()) if mbs.size else (1.0, 1.0)
             ax.xaxis.set_minor_formatter(plain if hi < 10 * lo else NullFormatter())
-        _finish(ax, len(cs), subtitle if len(groups) > 1 else None)
+        _finish(ax, len(cs) + bool(front), subtitle if len(groups) > 1 else None)
     return _save(fig, path)
