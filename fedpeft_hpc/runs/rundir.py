@@ -139,7 +139,8 @@ class RunDir:
 
     def config_differences(self, cfg: Config, saved: Path | None = None) -> list[tuple[str, object, object]]:
         """``(key, saved, new)`` for every key where ``cfg`` differs from the saved ``config.yaml`` (or
-        ``saved``), ignoring the keys a resume may change (``run.*``, ``comm.*``, paths). Empty without one."""
+        ``saved``), ignoring the keys a resume may change (``run.*``, ``comm.*``, paths). Empty without one.
+        A key the saved config lacks (written by a version before the key existed) counts as its default."""
         import yaml
 
         path = saved if saved is not None else self.config_path
@@ -150,6 +151,8 @@ class RunDir:
         except yaml.YAMLError:
             raise UserError(f"{path} is not valid YAML; cannot check the resumed run") from None
         new = dotted(to_dict(cfg))
+        defaults = dotted(to_dict(Config()))
+        old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
         return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
                 if not k.startswith(_RESUME_FREE) and old.get(k) != new.get(k)]
 
