@@ -296,3 +296,45 @@ def test_sample_level_dp_trains_local_parts_under_dp_sgd(tmp_path):
     store = store_of(tmp_path / "r", 8)
     assert any(store.written(c) for c in range(8))
     store.close()
+
+
+def _split_rounds(tmp_path, client_batch, extra):
+    """Two rounds of a split-state run: the moved global state, every client's local parts, the rows."""
+    from fedpeft_hpc.federated.engine import FederatedTrainer
+
+    cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / client_batch, f"fed.client_batch={client_batch}",
+                                                 "fed.num_clients=10", "fed.clients_per_round=7", *extra))
+    fr = FederatedTrainer(cfg, LocalCommunicator())
+    start = fr.global_vec.clone()
+    rows = [fr.train_round(r).row() for r in (1, 2)]
+    store = fr.client_parts.store
+    local = [store.get_vec(c) for c in range(10)] if store is not None else []
+    written = [store.written(c) for c in range(10)] if store is not None else []
+    batched = fr.client_batch
+    fr.close()
+    return batched, fr.global_vec - start, local, written, rows
+
+
+@pytest.mark.parametrize("extra", [("peft.method=lora", "peft.local=[lora_b]"),  # FedSA-LoRA
+                                   ("peft.method=bias", "peft.local=[head]"),  # FedPer
+                                   ("peft.method=lora", "peft.frozen=[lora_a]"),  # FFA-LoRA
+                                   ("peft.method=lora", "peft.lora_ranks=[1,2,4]", "seed=3"),  # HetLoRA
+                                   ("peft.method=lora", "peft.local=[lora_b]", "peft.lora_ranks=[2,4]",
+                                    "privacy.mode=sample", "privacy.noise_multiplier=0.7",
+                                    "privacy.seeded_noise=true")],
+                         ids=["fedsa-lora", "local-head", "ffa-lora", "het-ranks", "local-ranks-dpsgd"])
+def test_batched_equals_sequential_with_split_states(tmp_path, extra):
+    """Clients trained 4 at once (their local parts and rank masks in their slots) give the global state, every
+    client's local parts and the round rows of clients trained one after another (<= 1e-5)."""
+    off = _split_rounds(tmp_path, "off", extra)
+    four = _split_rounds(tmp_path, "4", extra)
+    assert off[0] is None and four[0] == 4
+    assert float((off[1] - four[1]).abs().max()) <= 1e-5 and float(off[1].abs().max()) > 1e-3
+    assert off[3] == four[3]
+    assert all(float((a - b).abs().max()) <= 1e-5 for a, b in zip(off[2], four[2]))
+    if off[2]:
+        assert any(float((v - off[2][0]).abs().max()) > 1e-3 for v in off[2])  # local parts really differ
+    for a, b in zip(off[4], four[4]):
+        for key in ("clients", "bytes_up", "bytes_down"):
+            assert a[key] == b[key], key
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)

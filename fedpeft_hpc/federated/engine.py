@@ -135,17 +135,10 @@ class FederatedTrainer:
         self.client_parts.attach_store()
         self.noise_key = self._noise_key()
         image = self.fed.built.image
-        if self.client_parts.active:
-            # phase 1: the batched trainer does not load per-client parts or ranks yet
-            self.client_batch = 0
-            if cfg.fed.client_batch != "off":
-                log.info("fed.client_batch=%s: clients are trained one after another because of %s (the batched "
-                         "trainer does not handle per-client or frozen parts yet)", cfg.fed.client_batch,
-                         self.client_parts.why())
-        else:
-            self.client_batch = plan_client_batch(cfg, self.model, self.layout, comm.device,
-                                                  (image.in_chans, image.img_size, image.img_size),
-                                                  comm.world_size, dp=cfg.privacy.mode == "sample")
+        # a batched slot holds every trained tensor of a client: the sent and the local ones
+        self.client_batch = plan_client_batch(cfg, self.model, self.client_parts.full_layout, comm.device,
+                                              (image.in_chans, image.img_size, image.img_size),
+                                              comm.world_size, dp=cfg.privacy.mode == "sample")
         # batched clients compute their own per-sample gradients: no Opacus hooks on the shared model
         self.train_model = (self.model if self.client_batch
                             else self.fed.privacy.wrap_model(self.model))  # may still refuse the model
@@ -279,10 +272,11 @@ class FederatedTrainer:
             # longest first: the slots of clients that finish are refilled, so the short ones fill the tail
             order = sorted(clients, key=lambda c: (-int(fed.sizes[c]), c))
             jobs = [ClientJob(c, functools.partial(self._client_batches, round_idx, c),
-                              fed.privacy.client_noise(c, round_idx, int(fed.sizes[c]))) for c in order]
-            trainer = BatchedClientTrainer(self.model, self.layout, cfg.optim, min(self.client_batch, len(clients)),
-                                           device, cfg.model.precision, compile=cfg.run.compile,
-                                           batch_size=cfg.data.batch_size)
+                              fed.privacy.client_noise(c, round_idx, int(fed.sizes[c])), **self._slot_hooks(c))
+                    for c in order]
+            trainer = BatchedClientTrainer(self.model, self.client_parts.full_layout, cfg.optim,
+                                           min(self.client_batch, len(clients)), device, cfg.model.precision,
+                                           compile=cfg.run.compile, batch_size=cfg.data.batch_size)
             yield from trainer.train(self.global_vec, jobs)
             return
         parts = self.client_parts
@@ -296,6 +290,15 @@ class FederatedTrainer:
                               precision=cfg.model.precision)
             res.delta = parts.finish(client, res.delta, self.global_vec)  # its local parts stored
             yield client, res
+
+    def _slot_hooks(self, client: int) -> dict:
+        """A batched client's own slot row, update and rank (``ClientJob``) where it has local parts or a rank."""
+        parts = self.client_parts
+        if not parts.per_client:
+            return {}
+        return {"start": functools.partial(parts.slot_start, client, self.global_vec),
+                "finish": functools.partial(parts.slot_finish, client, global_vec=self.global_vec),
+                "rank": parts.rank_of(client)}
 
     def _evaluate(self) -> tuple[float, float]:
         comm = self.comm
