@@ -75,7 +75,7 @@ def test_frozen_parts_stay_bit_identical_inside_the_engine(tmp_path):
 
 def test_local_parts_are_never_sent_and_never_reach_another_client(tmp_path):
     """FedSA-LoRA: B stays on each client. The bytes are those of A and the head; and every client's B after
-    round 2 is exactly what it gets by training from ITS OWN B of round 1 (nobody else's)."""
+    round 2 is what it gets by training from ITS OWN B of round 1 (nobody else's)."""
     from fedpeft_hpc.federated.engine import FederatedTrainer
 
     cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "r", "peft.method=lora", "peft.local=[lora_b]",
@@ -104,7 +104,8 @@ def test_local_parts_are_never_sent_and_never_reach_another_client(tmp_path):
         local_train(fr.model, fr.params, fr.layout, g1, fr._client_batches(2, c), opt, fr.comm.device,
                     layers_seed=derived_seed(cfg.seed, CLIENT_LAYERS, 2, c))
         got = store.get(c)
-        assert all(torch.equal(got[n], fr.client_parts.local[n].detach()) for n in got), c
+        # (batched training by default: equal to sequential training within fp32 rounding)
+        assert all(float((got[n] - fr.client_parts.local[n].detach()).abs().max()) <= 1e-5 for n in got), c
     fr.close()
 
 
