@@ -24,7 +24,7 @@ shared and a client's state is tiny, so a rank trains K clients at once here:
   optimizer is torch's formula per row (``federated.stacked_optim``).
 - **No host round trip in a step.** Leaves and gradient views are made once per number of
   rows, a set of rows gets its device index once, padding is labelled -1 (the weights come
-  from the labels on the device), metric sums stay on the device until a client finishes.
+  from the labels on the device), metric sums stay on the device until the round ends.
 - **GPU paths.** timm's fused attention stays on CUDA (plain elsewhere, see
   ``vmap_friendly_attention``); under bf16 the PEFT tensors of Linear layers enter the
   vmapped call in bf16 and the frozen Linear weights are bf16 copies made once;
@@ -246,8 +246,9 @@ class BatchedClientTrainer:
     def _result(self, s: int, slot: _Slot, start: torch.Tensor) -> LocalResult:
         row = self.store.read_flat(s)
         delta = slot.job.finish(row, slot.start) if slot.job.finish is not None else row - slot.start
-        return LocalResult(delta=delta, loss_sum=float(self.loss_sum[s]), seen=slot.seen,
-                           correct=int(self.correct[s]), steps=slot.steps)
+        # the metric sums stay on the device (0-d tensors) until the round buffer is read at the round's end
+        return LocalResult(delta=delta, loss_sum=self.loss_sum[s].clone(), seen=slot.seen,
+                           correct=self.correct[s].clone(), steps=slot.steps)
 
     def rows_index(self, rows: tuple[int, ...]) -> torch.Tensor:
         """``rows`` as an int64 index on the device, made once per set of rows (no host-to-device copy per step)."""
