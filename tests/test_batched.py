@@ -305,6 +305,7 @@ def _rounds(fr, n: int):
 
 
 @pytest.mark.parametrize("extra", [("peft.method=lora", "fed.dropout=0.3", "seed=3"),
+                                   ("peft.method=bias", "data.augment=crop_flip"),  # one gather for every slot
                                    ("peft.method=prompt", "privacy.mode=sample", "privacy.noise_multiplier=0.7",
                                     "privacy.seeded_noise=true"),
                                    ("peft.method=bias", "privacy.mode=client", "privacy.noise_multiplier=0.5",

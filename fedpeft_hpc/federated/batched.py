@@ -21,7 +21,9 @@ shared and a client's state is tiny, so a rank trains K clients at once here:
   A slot without a client does not move (``StackedOptimizer`` touches only active rows).
 - **Same data, same optimizer.** Each client's batches come from the same per-client
   iterator the sequential path uses (made when the client gets its slot), and its
-  optimizer is torch's formula per row (``federated.stacked_optim``).
+  optimizer is torch's formula per row (``federated.stacked_optim``). Iterators that yield
+  index lists (``data.sources.PendingBatch``, the engine's) are made into batches for all
+  slots at once per step: one gather, augmentation and preparation.
 - **No host round trip in a step.** Leaves and gradient views are made once per number of
   rows, a set of rows gets its device index once, padding is labelled -1 (the weights come
   from the labels on the device), metric sums stay on the device until the round ends.
@@ -59,6 +61,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.utils.rnn import pad_sequence
 
 from fedpeft_hpc.config.schema import OptimConfig
+from fedpeft_hpc.data.sources import prepare_batches
 from fedpeft_hpc.federated.client import LocalResult, train_mode
 from fedpeft_hpc.federated.memory import synchronize
 from fedpeft_hpc.federated.slots import SlotStore
@@ -259,7 +262,7 @@ class BatchedClientTrainer:
 
     # -- one step of every active slot ---------------------------------------------------
     def _step(self, active: list[int], slots: list[_Slot]) -> None:
-        batches = [sl.pending for sl in slots]
+        batches = prepare_batches([sl.pending for sl in slots])  # deferred ones: one gather for every slot
         for sl in slots:
             sl.pending = None
         xs = [self._on_device(x) for x, _ in batches]

@@ -254,14 +254,15 @@ class FederatedTrainer:
             log.warning("round %d: rejected an update (non-finite or too large; under DP the client is not named)",
                         round_idx)
 
-    def _client_batches(self, round_idx: int, client: int):
+    def _client_batches(self, round_idx: int, client: int, deferred: bool = False):
         """Client ``client``'s local-training batches in ``round_idx``: augmentation drawn from (seed, round,
         client), data order (DP-SGD: batch membership) from the privacy mechanism's generator (the seed's
         stream, or the secret noise key under sample-level DP), on the rank's device; the same for the
-        sequential and batched paths."""
+        sequential and batched paths (``deferred``: index lists that the batched trainer makes for all its
+        slots in one gather, ``data.sources.prepare_batches``)."""
         cfg, fed = self.cfg, self.fed
         gen = fed.privacy.batch_generator(cfg.seed, round_idx, client)
-        source = self.sources.client(torch_generator(cfg.seed, AUGMENT, round_idx, client))
+        source = self.sources.client(torch_generator(cfg.seed, AUGMENT, round_idx, client), deferred)
         return fed.privacy.client_batches(source, fed.client_indices[client], cfg.data.batch_size,
                                           cfg.fed.local_epochs, gen, cfg.data.num_workers)
 
@@ -271,7 +272,7 @@ class FederatedTrainer:
         if self.client_batch and clients:
             # longest first: the slots of clients that finish are refilled, so the short ones fill the tail
             order = sorted(clients, key=lambda c: (-int(fed.sizes[c]), c))
-            jobs = [ClientJob(c, functools.partial(self._client_batches, round_idx, c),
+            jobs = [ClientJob(c, functools.partial(self._client_batches, round_idx, c, deferred=True),
                               fed.privacy.client_noise(c, round_idx, int(fed.sizes[c])), **self._slot_hooks(c))
                     for c in order]
             trainer = BatchedClientTrainer(self.model, self.client_parts.full_layout, cfg.optim,
