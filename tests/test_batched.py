@@ -180,8 +180,8 @@ def assert_same_updates(seq, bat):
     assert max(float(r.delta.abs().max()) for r in seq.values()) > 1e-2  # the updates are not trivially equal
     for k in seq:
         assert (bat[k].seen, bat[k].steps) == (seq[k].seen, seq[k].steps)
-        assert int(bat[k].correct) == seq[k].correct
-        assert float(bat[k].loss_sum) == pytest.approx(seq[k].loss_sum, rel=1e-5, abs=1e-5)
+        assert int(bat[k].correct) == int(seq[k].correct)
+        assert float(bat[k].loss_sum) == pytest.approx(float(seq[k].loss_sum), rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.parametrize("method", BATCHED)
