@@ -339,3 +339,18 @@ def test_batched_equals_sequential_with_split_states(tmp_path, extra):
         for key in ("clients", "bytes_up", "bytes_down"):
             assert a[key] == b[key], key
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_client_batch_plan_counts_local_parts_in_a_slot(tmp_path, monkeypatch):
+    """fed.client_batch=auto sizes a slot by every tensor it holds: the sent and the local ones."""
+    import fedpeft_hpc.federated.engine as engine
+
+    seen = []
+    plan = engine.plan_client_batch
+    monkeypatch.setattr(engine, "plan_client_batch", lambda cfg, model, layout, *a, **k: seen.append(layout.size)
+                        or plan(cfg, model, layout, *a, **k))
+    cfg = load_config(QUICKSTART, tiny_overrides(tmp_path / "r", "peft.method=lora", "peft.local=[lora_b,head]"))
+    fr = engine.FederatedTrainer(cfg, LocalCommunicator())
+    fr.close()
+    assert seen == [A_FACTORS + B_FACTORS + HEAD] and fr.layout.size == A_FACTORS
+    assert fr.client_batch is not None and fr.client_batch > 1
