@@ -1,4 +1,4 @@
-"""Command line: ``fedpeft-hpc {train,inspect,config,pretrain,quickstart,submit,sweep,report,bench} ...``
+"""Command line: ``fedpeft-hpc {train,inspect,config,pretrain,quickstart,submit,sweep,status,cancel,report,bench} ...``
 (same as ``python -m fedpeft_hpc``).
 
 Bad input ends with a one-line message naming the key or file, exit status 2, and no
@@ -119,14 +119,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = load_sweep(args.sweep)
     profile = with_flags(load_profile(args.cluster), vars(args))
     out = Path(args.out) if args.out else Path("runs") / spec.name
-    return run_sweep(spec, out, args.executor, profile, args.max_parallel, dry_run=args.dry_run, wait=args.wait)
+    return run_sweep(spec, out, args.executor, profile, args.max_parallel, dry_run=args.dry_run, wait=args.wait,
+                     only=args.only, max_attempts=args.max_attempts)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fedpeft_hpc.status import status
+
+    print(status(args.dir, as_json=args.json))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from fedpeft_hpc.status import cancel
+
+    return cancel(args.dir)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from fedpeft_hpc.report import write_report
 
     panels = [k.strip() for k in (args.panels or "").split(",") if k.strip()]
-    paths, md = write_report(args.dir, panels)
+    paths, md = write_report(args.dir, panels, ci=args.ci)
     print(md)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -191,7 +205,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     knobs = {k: getattr(args, k) for k in KNOBS if getattr(args, k) is not None}
     flags += [f"--{k.replace('_', '-')} {v}" for k, v in knobs.items()]
     return run_bench(suite=args.suite, device=args.device, as_json=args.json,
-                     markdown=None if args.no_markdown else args.markdown, profile_ops=args.profile,
+                     markdown=None if args.no_markdown else args.markdown,
+                     out=None if args.no_markdown else args.out, profile_ops=args.profile,
                      only=[m for m in args.only.split(",") if m] if args.only else None, threads=args.threads,
                      command="fedpeft-hpc bench " + " ".join(flags), knobs=knobs)
 
@@ -218,13 +233,16 @@ def _add_run_commands(sub) -> None:
                        description="Run one federated training. The same command works as one process and "
                                    "under torchrun, mpiexec or srun; results do not depend on the number of "
                                    "processes. Writes run.dir/{config.yaml,metrics.jsonl,summary.json,"
-                                   "checkpoints/}.")
+                                   "checkpoints/}. A run.dir that holds a run is continued from its checkpoint, "
+                                   "also to a larger fed.rounds (not under DP); one leased by another live job "
+                                   "or process (lease.json) is refused.")
     _config_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("inspect", help="count total/trainable parameters and bytes per transfer (no data, "
                                        "no weights); with peft.local / peft.frozen / peft.lora_ranks also the "
-                                       "sent, local and frozen parameters and the bytes per LoRA rank")
+                                       "sent, local and frozen parameters and the bytes per LoRA rank; the "
+                                       "bytes per transfer under each encoding (fed.compress_up/down)")
     _config_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--all", action="store_true", help="also tabulate every registered PEFT method")
@@ -280,23 +298,51 @@ def _add_cluster_commands(sub) -> None:
                                    "DIR, check every run's config before anything runs (a bad value exits 2 "
                                    "naming the run and the key), write DIR/sweep.json, and run the runs that are "
                                    "new, interrupted (resumed) or failed: on SLURM as one job array, locally at "
-                                   "most --max-parallel at a time. Finished and running runs are skipped.")
+                                   "most --max-parallel at a time. Finished, queued and running runs are "
+                                   "skipped; runs are known by what they compute (config, weights, data), not "
+                                   "by their names.")
     p.add_argument("sweep", help="sweep file (YAML)")
     p.add_argument("--out", metavar="DIR", help="sweep directory (default: runs/NAME, NAME from the sweep file)")
     p.add_argument("--max-parallel", type=_count(1), metavar="N",
                    help="runs at once: the SLURM array's concurrency limit (default: submitit's 256), or local "
                         "subprocesses (default 1)")
-    _launch_args(p, wait_help="SLURM: follow the array until every run ended (local and debug always wait)",
+    p.add_argument("--only", metavar="STATE|GLOB",
+                   help="start only the runs in this state (new, interrupted, failed) or whose name matches this "
+                        "glob, e.g. 'method=lora_*'")
+    p.add_argument("--max-attempts", type=_count(1), metavar="N",
+                   help="never submit a run more than N times in all (sweep.json counts the submissions)")
+    _launch_args(p, wait_help="SLURM: follow the array until every run ended (one squeue every 30 s or more; the "
+                              "run directories in between); local and debug always wait",
                  dry_run_help="list every run with its state and what would be submitted; run nothing, "
                               "write nothing")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("status", help="state, rounds, last accuracy, job, elapsed time and log of every run in a "
+                                      "sweep, run or folder of runs",
+                       description="Per run: queued, running, finished, failed, interrupted or new; rounds done of "
+                                   "planned; the last test accuracy; the job id; the time used (the scheduler's, "
+                                   "while the job is queued or running); the log. One squeue for all jobs (and "
+                                   "sacct where accounting exists); builds no model and no data.")
+    p.add_argument("dir", help="sweep directory (sweep.json), run directory, or folder of run directories")
+    p.add_argument("--json", action="store_true", help="one JSON object: title and one entry per run")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel what a sweep, run or folder of runs has queued or running",
+                       description="One scancel for every queued or running SLURM job of the runs under DIR (local "
+                                   "submitit jobs through submitit). The runs keep their checkpoints: the next "
+                                   "sweep or submit resumes them.")
+    p.add_argument("dir", help="sweep directory (sweep.json), run directory, or folder of run directories")
+    p.set_defaults(func=cmd_cancel)
+
     p = sub.add_parser("report", help="tables and plots of the runs in a sweep (or run) directory",
-                       description="Write DIR/results.csv (one row per run), DIR/results.md (one row per setting: "
-                                   "mean ± std over seeds, n), DIR/accuracy_vs_round.png and "
-                                   "DIR/accuracy_vs_bytes.png. DIR: a sweep directory, one run directory, or a "
+                       description="Write DIR/results.csv (one row per run), DIR/results.md and DIR/results.tex "
+                                   "(one row per setting: one config, rounds included, weights and data; mean ± std "
+                                   "over seeds, n), DIR/accuracy_vs_round.png and DIR/accuracy_vs_bytes.png (Pareto "
+                                   "front marked). DIR: a sweep directory, one run directory, or a "
                                    "folder of run directories. Unfinished runs are listed as such.")
     p.add_argument("dir", help="sweep directory (sweep.json), run directory, or folder of run directories")
+    p.add_argument("--ci", action="store_true",
+                   help="mean ± half-width of the 95%% Student-t interval over seeds instead of ± standard deviation")
     p.add_argument("--panels", metavar="KEY[,KEY]",
                    help="plots: one panel per combination of these swept keys' values (e.g. "
                         "data.partition,privacy.mode; short names work too); the lines of a panel are the "
@@ -310,7 +356,8 @@ def _add_bench_command(sub) -> None:
                        description="Every figure is a ratio of two measurements taken in this run on this machine "
                                    "(e.g. batched over sequential client training, or a federated round over "
                                    "centralized training at the same total batch). Prints a table and appends it "
-                                   "to BENCHMARKS.md; --json prints one JSON object with batched_speedup, "
+                                   "to DIR/bench.md (--out; BENCHMARKS.md only with --markdown); --json prints one "
+                                   "JSON object with batched_speedup, "
                                    "batching_bound, fl_efficiency, aggregation_share, memory_per_client_ratio, "
                                    "two_rank_speedup, ops_per_step and host_syncs_per_step. --method, --clients, "
                                    "--batch-size, --precision, --model and --steps narrow the suite's profile. The "
@@ -320,9 +367,11 @@ def _add_bench_command(sub) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: ViT-B/16 at 224 px, bf16, client batch 16, 32 clients per rank")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout (the table goes to stderr)")
-    p.add_argument("--markdown", default="BENCHMARKS.md", metavar="PATH",
-                   help="append the rows to this Markdown table (default: BENCHMARKS.md)")
-    p.add_argument("--no-markdown", action="store_true", help="do not write BENCHMARKS.md")
+    p.add_argument("--out", default="runs/bench", metavar="DIR",
+                   help="append the rows to DIR/bench.md, a Markdown table (default: runs/bench)")
+    p.add_argument("--markdown", default=None, metavar="PATH",
+                   help="also append them to this Markdown table, e.g. the repository's BENCHMARKS.md")
+    p.add_argument("--no-markdown", action="store_true", help="write no file (--out and --markdown)")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's top operators of the batched step and of centralized training")
     p.add_argument("--threads", type=int, default=0, metavar="N",

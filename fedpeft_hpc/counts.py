@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from fedpeft_hpc.config.schema import Config
+from fedpeft_hpc.config.schema import CODEC_CHOICES, Config
+from fedpeft_hpc.federated.codecs import build_codec
 from fedpeft_hpc.models import build_model
 from fedpeft_hpc.peft import count_params, peft_params, registered_methods
 from fedpeft_hpc.peft.parts import split_counts, state_parts
@@ -29,6 +30,10 @@ def method_counts(cfg: Config, method: str | None = None) -> dict:
     counts["num_classes"] = cfg.model.num_classes
     counts["trainable_share"] = counts["trainable_params"] / counts["total_params"]
     counts["full_bytes_per_transfer"] = built.full_bytes_per_transfer
+    # one transfer of the sent state under each encoding (fed.compress_up / compress_down); fp32 values
+    n = counts["sent_params"]
+    counts["bytes_per_transfer_encoded"] = {c: build_codec(c, cfg.fed.compress_block, cfg.fed.topk_fraction).size(n)
+                                            for c in CODEC_CHOICES}
     return counts
 
 
@@ -53,6 +58,10 @@ def counts_report(cfg: Config, all_methods: bool = False, as_json: bool = False)
     if cfg.peft.local or cfg.peft.frozen or cfg.peft.lora_ranks:
         lines.append(f"{cfg.peft.method}: sent {main['sent_params']:,} params, local {main['local_params']:,} "
                      f"(peft.local={cfg.peft.local}), frozen {main['frozen_params']:,} (peft.frozen={cfg.peft.frozen})")
+    enc = main["bytes_per_transfer_encoded"]
+    lines.append("bytes per transfer by encoding (fed.compress_up/down): "
+                 + ", ".join(f"{c} {b:,}" + (f" (top {cfg.fed.topk_fraction:g})" if c == "topk" else "")
+                             for c, b in enc.items()))
     for r, b in main.get("bytes_per_transfer_by_rank", {}).items():
         lines.append(f"  a rank-{r} client sends {b / 1e6:.3f} MB per transfer")
     return "\n".join(lines)

@@ -31,9 +31,11 @@ import torch
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.data import DATASETS, DataBundle, build_datasets, get_builder
 from fedpeft_hpc.errors import ConfigError
+from fedpeft_hpc.federated.agreement import labels_fingerprint
 from fedpeft_hpc.federated.federation import build_federation
 from fedpeft_hpc.models import BuiltModel, build_model
 from fedpeft_hpc.peft import count_params, get_method, registered_methods
+from fedpeft_hpc.runs.identity import Identity, file_fingerprint, identity_of
 from fedpeft_hpc.runs.rundir import RunDir
 from fedpeft_hpc.utils.files import expand_path, usable_dir_problem
 
@@ -57,6 +59,7 @@ class Checked:
     trainable_params: int
     resumes: bool  # the run continues one in its directory (from its checkpoint, or from round 0)
     weights_built_by_job: bool  # model.pretrain_recipe will build model.checkpoint in the job
+    identity: Identity | None = None  # what the run computes: config, weights, data (``runs/identity``)
 
 
 def _key(*parts: Any) -> str:
@@ -103,6 +106,16 @@ class Preflight:
 
         return self._once(_key("data", asdict(cfg.data), asdict(built.image), cfg.seed), build)
 
+    def identity(self, cfg: Config, data: DataBundle) -> Identity:
+        """The run's identity; the data and the weights file are fingerprinted once each."""
+        fp = self._once(_key("data_fp", id(data)),  # no image is read on the login node
+                        lambda: labels_fingerprint(data.train_targets, len(data.train), len(data.test)))
+        ckpt = expand_path(cfg.model.checkpoint) if cfg.model.checkpoint and cfg.model.pretrained else None
+        stat = ckpt.stat() if ckpt is not None and ckpt.is_file() else None
+        weights = self._once(_key("weights", str(ckpt), stat and (stat.st_size, stat.st_mtime_ns)),
+                             lambda: file_fingerprint(str(ckpt)) if ckpt is not None else None)
+        return identity_of(cfg, fp, weights)
+
     def check(self, cfg: Config, run_dir: bool = True) -> Checked:
         """Raise the ``UserError`` the training would raise before its first round; else describe it.
 
@@ -114,7 +127,8 @@ class Preflight:
         if problem:
             raise ConfigError("run.dir", f"{problem}; give a directory to hold the run")
         model_key, built = self._model(cfg)
-        fed = build_federation(cfg, torch.device("cpu"), built=built, data=self._data(cfg, built))
+        data = self._data(cfg, built)
+        fed = build_federation(cfg, torch.device("cpu"), built=built, data=data)
         if cfg.privacy.mode == "sample":  # once per model: Opacus refuses what it cannot make private
             def wrap() -> bool:
                 fresh = build_model(cfg.model, cfg.peft, cfg.seed, load_weights=False).model
@@ -125,4 +139,4 @@ class Preflight:
         resumes = RunDir(cfg.run.dir, is_main=False).check(cfg) if run_dir else False
         counts = count_params(built.model)
         return Checked(trainable_params=counts["trainable_params"], resumes=resumes,
-                       weights_built_by_job=_recipe_pending(cfg))
+                       weights_built_by_job=_recipe_pending(cfg), identity=self.identity(cfg, data))

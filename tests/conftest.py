@@ -29,6 +29,23 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
+def kill_after_rounds(cmd: list[str], run_dir: Path, rounds: int, timeout: float = 240) -> None:
+    """Start ``cmd`` and SIGKILL it once ``run_dir/metrics.jsonl`` holds ``rounds`` rows."""
+    import signal
+    import time
+
+    from fedpeft_hpc.utils.files import read_jsonl
+
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").is_file() and len(read_jsonl(run_dir / "metrics.jsonl")) >= rounds:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fedpeft_hpc", *args], capture_output=True, text=True,
                           timeout=timeout, env=subprocess_env(**env), cwd=cwd or REPO)

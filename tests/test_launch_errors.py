@@ -78,28 +78,47 @@ def test_a_sweep_that_fails_its_checks_leaves_no_directory_behind(tmp_path, caps
     assert rc == 2 and "nosuch" in err and not out.exists()
 
 
-# -- L2: a failing scontrol is not "no such job" --------------------------------------------------------
+# -- L2: a failing squeue is not "no such job" -----------------------------------------------------------
 def test_slurm_state_tells_an_unknown_job_from_an_unreachable_controller(tmp_path, monkeypatch):
+    from fedpeft_hpc.utils import scheduler
+
+    monkeypatch.setitem(scheduler._accounting, "exists", True)
     bin_dir = fake_tools(tmp_path, monkeypatch,
-                        scontrol='echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1',
+                        squeue='echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1',
                         sacct='echo "Slurm accounting storage is disabled" >&2; exit 1')
     assert jobstate.slurm_state("7") is None  # gone, and no accounting to say how it ended
-    (bin_dir / "sacct").write_text("#!/bin/sh\necho COMPLETED\n")
+    (bin_dir / "sacct").write_text("#!/bin/sh\necho '7|COMPLETED'\n")
+    assert jobstate.slurm_state("7") is None  # accounting said once it is disabled: not asked again
+    monkeypatch.setitem(scheduler._accounting, "exists", True)
     assert jobstate.slurm_state("7") == "COMPLETED"
-    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'JobId=7 JobName=x JobState=RUNNING Reason=None'\n")
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho '7|RUNNING|1:02|N/A'\n")
     assert jobstate.slurm_state("7") == "RUNNING"
-    (bin_dir / "scontrol").write_text(
+    (bin_dir / "squeue").write_text(
         "#!/bin/sh\necho 'slurm_load_jobs error: Socket timed out on send/recv operation' >&2; exit 1\n")
-    with pytest.raises(SlurmUnreachable, match=r"cannot reach SLURM \(scontrol -o show job 7: slurm_load_jobs "
+    with pytest.raises(SlurmUnreachable, match=r"cannot reach SLURM \(squeue -h -r -t \.\.\.: slurm_load_jobs "
                                                r"error: Socket timed out on send/recv operation\)"):
         jobstate.slurm_state("7")
 
 
-def test_a_sweep_moves_and_submits_nothing_when_scontrol_fails(tmp_path, capsys, monkeypatch):
-    fake_tools(tmp_path, monkeypatch, scontrol='echo "slurm_load_jobs error: Unable to contact slurm controller" '
-                                               '>&2; exit 1')
+def test_one_squeue_answers_for_every_job_and_a_preempted_job_may_come_back(tmp_path, monkeypatch):
+    log = tmp_path / "calls"
+    fake_tools(tmp_path, monkeypatch, squeue=f'echo "$*" >> {log}; printf "3_0|RUNNING|0:05|N/A\\n'
+                                             f'3_1|PREEMPTED|0:09|$(date +%Y-%m-%dT%H:%M:%S)\\n'
+                                             f'3_2|PREEMPTED|0:09|2000-01-01T00:00:00\\n"')
+    refs = [jobstate.JobRef("slurm", f"3_{i}", "/tmp") for i in range(4)]
+    states = jobstate.JobStates(refs)
+    infos = [states.info(r) for r in refs]
+    assert len(log.read_text().splitlines()) == 1  # one query for all four
+    assert [i.state for i in infos] == ["RUNNING", "PREEMPTED", "PREEMPTED", None]
+    assert [i.active for i in infos] == [True, True, False, False]  # ended just now: SLURM may requeue it
+    assert infos[0].elapsed == "0:05"
+
+
+def test_a_sweep_moves_and_submits_nothing_when_squeue_fails(tmp_path, capsys, monkeypatch):
+    fake_tools(tmp_path, monkeypatch, squeue='echo "slurm_load_jobs error: Unable to contact slurm controller" '
+                                             '>&2; exit 1')
     out = tmp_path / "out"
-    name = "method=head_seed=1"
+    name = "seed=1"  # the one-value axis peft.method is not in the name
     (out / name).mkdir(parents=True)
     (out / name / "metrics.jsonl").write_text('{"round": 1}\n')  # a live run, between checkpoints
     manifest = {"format": sweep.FORMAT, "runs": {name: {"dir": name, "job": {
@@ -107,7 +126,7 @@ def test_a_sweep_moves_and_submits_nothing_when_scontrol_fails(tmp_path, capsys,
     (out / "sweep.json").write_text(json.dumps(manifest))
     rc, _, err = cli(capsys, "sweep", str(sweep_file(tmp_path)), "--out", str(out), "--executor", "local")
     assert rc == 2
-    assert "cannot reach SLURM (scontrol -o show job 41_0: slurm_load_jobs error: Unable to contact" in err
+    assert "cannot reach SLURM (squeue -h -r -t ...: slurm_load_jobs error: Unable to contact" in err
     assert "invalid" not in err  # not blamed on the run's config
     assert sorted(p.name for p in (out / name).iterdir()) == ["metrics.jsonl"]  # not set aside
     assert json.loads((out / "sweep.json").read_text()) == manifest
@@ -116,18 +135,40 @@ def test_a_sweep_moves_and_submits_nothing_when_scontrol_fails(tmp_path, capsys,
 def test_waiting_survives_a_few_missed_polls_but_not_many(monkeypatch):
     answers = iter([SlurmUnreachable("x"), "RUNNING", SlurmUnreachable("x"), "COMPLETED"])
 
-    def state(ref):
+    def snapshot(ids):
         a = next(answers)
         if isinstance(a, Exception):
             raise a
-        return a
+        return {i: jobstate.JobInfo(a) for i in ids}
 
-    monkeypatch.setattr(jobstate, "job_state", state)
+    monkeypatch.setattr(jobstate, "squeue_snapshot", snapshot)
     ref = jobstate.JobRef("slurm", "1", "/tmp")
-    assert jobstate.wait_for({"j": ref}, poll_s=0) == {"j": "COMPLETED"}
-    monkeypatch.setattr(jobstate, "job_state", lambda ref: (_ for _ in ()).throw(SlurmUnreachable("down")))
+    assert jobstate.wait_for({"j": ref}, poll_s=0, tick_s=0) == {"j": "COMPLETED"}
+    monkeypatch.setattr(jobstate, "squeue_snapshot", lambda ids: (_ for _ in ()).throw(SlurmUnreachable("down")))
     with pytest.raises(SlurmUnreachable, match="down"):
-        jobstate.wait_for({"j": ref}, poll_s=0, max_misses=2)
+        jobstate.wait_for({"j": ref}, poll_s=0, tick_s=0, max_misses=2)
+
+
+def test_waiting_asks_the_scheduler_at_most_once_per_poll_interval_and_backs_off(monkeypatch):
+    """--wait: the run directories (free) every tick; one squeue per poll, the polls 30 s apart and more."""
+    clock = {"t": 0.0}
+    asked = []
+    monkeypatch.setattr(jobstate.time, "monotonic", lambda: clock["t"])
+    monkeypatch.setattr(jobstate.time, "sleep", lambda s: clock.__setitem__("t", clock["t"] + max(s, 0.01)))
+
+    def snapshot(ids):
+        asked.append(clock["t"])
+        return {i: jobstate.JobInfo("RUNNING" if clock["t"] < 600 else "COMPLETED") for i in ids}
+
+    monkeypatch.setattr(jobstate, "squeue_snapshot", snapshot)
+    refs = {f"r{i}": jobstate.JobRef("slurm", f"9_{i}", "/tmp") for i in range(36)}
+    finished = {"r0"}  # its summary.json appeared: no scheduler needed for it
+    last = jobstate.wait_for(refs, done=lambda key: key in finished)
+    assert last["r0"] == "done" and last["r1"] == "COMPLETED"
+    gaps = [b - a for a, b in zip([0.0] + asked, asked)]
+    assert asked and all(g >= 30 for g in gaps), gaps  # never more than one query per 30 s for 36 jobs
+    assert gaps[1] > gaps[0] and max(gaps) <= 300  # backing off, at most 5 min apart
+    assert len(asked) <= 600 / 30  # a handful over 10 minutes (was 36 scontrol calls every 2 s)
 
 
 # -- L4: runs dropped from the sweep file stay listed and reported ----------------------------------------
@@ -157,8 +198,8 @@ def test_runs_no_longer_in_the_sweep_file_are_kept_and_reported(tmp_path, capsys
     assert "2 runs in" in stdout and "1 to run" in stdout  # seed 2 is not planned, not run
     runs = json.loads((out / "sweep.json").read_text())["runs"]
     assert {n: r["in_sweep"] for n, r in runs.items()} == {
-        "method=head_seed=1": True, "method=head_seed=3": True, "method=head_seed=2": False}
-    assert runs["method=head_seed=2"]["seed"] == 2 and runs["method=head_seed=2"]["state"] == "finished"
+        "seed=1": True, "seed=3": True, "seed=2": False}
+    assert runs["seed=2"]["seed"] == 2 and runs["seed=2"]["state"] == "finished"
 
     assert cli(capsys, "report", str(out))[0] == 0
     with open(out / "results.csv") as f:
@@ -166,13 +207,13 @@ def test_runs_no_longer_in_the_sweep_file_are_kept_and_reported(tmp_path, capsys
     assert rows == {n: "finished" for n in runs}
     md = (out / "results.md").read_text()
     assert "3 runs: 3 finished." in md
-    assert "1 of them not in the current sweep file" in md and "`method=head_seed=2`" in md
-    assert "| head | 3/3 |" in md
+    assert "1 of them not in the current sweep file" in md and "`seed=2`" in md
+    assert "| base | 1 | 3/3 |" in md  # one row: no axis varies (peft.method has one value)
 
     # the sweep again: still listed, still not run
     rc, stdout, _ = cli(capsys, "sweep", str(spec13), "--out", str(out), "--executor", "debug")
     assert rc == 0 and "nothing to run" in stdout
-    assert json.loads((out / "sweep.json").read_text())["runs"]["method=head_seed=2"]["in_sweep"] is False
+    assert json.loads((out / "sweep.json").read_text())["runs"]["seed=2"]["in_sweep"] is False
 
 
 # -- L5: sbatch refusing the job ---------------------------------------------------------------------------
@@ -189,9 +230,9 @@ def test_submit_reports_what_sbatch_said(tmp_path, capsys, monkeypatch):
 
 def test_a_refused_sweep_leaves_its_runs_unsubmitted_and_a_later_one_queued(tmp_path, capsys, monkeypatch):
     bin_dir = fake_tools(tmp_path, monkeypatch, sbatch=SBATCH_REFUSES, srun="exit 0",
-                         scontrol='echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1')
+                         squeue='echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1')
     out = tmp_path / "out"
-    name = "method=head_seed=1"
+    name = "seed=1"
     (out / name).mkdir(parents=True)
     (out / name / "metrics.jsonl").write_text('{"round": 1}\n')  # failed without a checkpoint
     rc, _, err = cli(capsys, "sweep", str(sweep_file(tmp_path)), "--out", str(out), "--executor", "slurm")
@@ -271,7 +312,7 @@ def test_wait_judges_the_summary_by_the_file_not_by_the_clock(tmp_path, capsys, 
             os.utime(summary, (old, old))
 
     monkeypatch.setattr(executor, "make_executor", lambda *a, **k: _FakeExecutor(job_writes))
-    monkeypatch.setattr(jobstate, "wait_for", lambda refs, on_change=None: {"job": None})
+    monkeypatch.setattr(jobstate, "wait_for", lambda refs, on_change=None, done=None: {"job": None})
     monkeypatch.setattr(Preflight, "check", lambda self, cfg, run_dir=True: _Checked())
     rc, out, err = cli(capsys, "submit", str(QUICKSTART), *tiny_overrides(d), "--executor", "local", "--wait")
     assert rc == rc_expected, err

@@ -4,7 +4,10 @@
 - a submitted job that gets the time-limit signal mid-run requeues itself, resumes from its checkpoint and
   ends bitwise equal to an uninterrupted run; the same for slurm/train.sbatch (its USR1 trap);
 - a 2x2 grid x 2 seeds sweep goes in as ONE job array; `report` writes 8 rows / 4 settings; the same sweep
-  again submits nothing; a sweep with one invalid value exits 2 and submits nothing.
+  again submits nothing; a sweep with one invalid value exits 2 and submits nothing;
+- a 4-run sweep under `--wait` asks the scheduler at most once per 30 s plus a handful (counted through
+  wrappers on the PATH), and `status` shows it; a second `submit` of a queued run.dir exits 2, `status` and
+  `cancel` work on it; `slurm/train.sbatch` on a leased directory exits 2 without training.
 This SLURM has no accounting daemon: job states may be UNKNOWN to submitit, so the commands and these
 tests judge by `scontrol` and the run directories. CI, or FEDPEFT_TEST_SLURM=1 (tests/slurm_support.py).
 """
@@ -15,6 +18,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -162,7 +166,8 @@ def test_submitted_job_requeued_at_its_time_limit_resumes_exactly(slurm, referen
     out = capsys.readouterr().out
     assert not waiter.is_alive() and done.get("rc") == 0, f"{done}\n{out}"
     assert f"submitted slurm job {job}" in out
-    assert out.strip().splitlines()[-2] == f"job {job}: COMPLETED"  # --wait followed it through the requeue
+    # --wait followed it through the requeue, until the run's summary.json (one squeue per 30 s at most)
+    assert out.strip().splitlines()[-2] == f"job {job}: run finished (summary.json written)"
     logs = "".join(p.read_text() for p in sorted((d / "slurm").glob(f"{job}_0_log.*")))
     assert "Requeued job" in logs  # submitit's handler requeued it (not a restart from scratch)
     _assert_resumed_exactly(d, logs, reference, job)
@@ -229,7 +234,7 @@ def test_sweep_is_one_array_reported_and_not_submitted_twice(slurm, tmp_path, ca
     assert {(r["peft.method"], r["optim.lr"]) for r in rows} == {(m, lr) for m in ("bias", "lora")
                                                                 for lr in ("0.05", "0.1")}
     md = (out / "results.md").read_text()
-    assert len(re.findall(r"^\| (bias|lora) \| 0\.(05|1) \| 2/2 \|", md, flags=re.M)) == 4, md
+    assert len(re.findall(r"^\| 0\.(05|1) \| (bias|lora) \| 2 \| 2/2 \|", md, flags=re.M)) == 4, md
     for png in ("accuracy_vs_round.png", "accuracy_vs_bytes.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -247,7 +252,107 @@ def test_sweep_with_an_invalid_value_exits_2_and_submits_nothing(slurm, tmp_path
     before = known_job_ids()
     rc, _, err = cli_main(capsys, "sweep", str(spec), "--out", str(out), "--executor", "slurm")
     assert rc == 2, err
-    assert "run method=bias_lr=-1_seed=1: optim.lr: must be > 0.0, got -1.0" in err
+    assert "runs lr=-1.0_method=bias_seed=1, lr=-1.0_method=bias_seed=2, lr=-1.0_method=lora_seed=1 and 1 more: " \
+           "optim.lr: must be > 0.0, got -1.0" in err
     assert "4 of 8 runs are invalid, nothing was submitted" in err
     assert not out.exists()
     assert all(j <= max(before, default=0) for j in known_job_ids())  # no sbatch happened
+
+
+# -- a good citizen of a shared cluster (issue 17) -------------------------------------------------------------
+FOUR = SWEEP.replace("name: grid2x2", "name: four").replace("  optim.lr: [0.05, {lr}]\n", "")  # 2 methods x 2 seeds
+
+
+def counting_path(tmp_path: Path) -> tuple[str, Path]:
+    """A PATH whose squeue/scontrol/sacct/sbatch/scancel log every call to a file, then run the real one."""
+    from tests.slurm_support import SBIN
+
+    wrap, log = tmp_path / "counting", tmp_path / "scheduler_calls"
+    wrap.mkdir()
+    for tool in ("squeue", "scontrol", "sacct", "sbatch", "scancel"):
+        real = shutil.which(tool, path=SBIN)
+        (wrap / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\nexec {real} "$@"\n')
+        (wrap / tool).chmod(0o755)
+    return f"{wrap}{os.pathsep}{SBIN}", log
+
+
+def calls(log: Path) -> list[str]:
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def test_a_four_run_sweep_under_wait_asks_the_scheduler_rarely_and_status_shows_it(slurm, tmp_path, capsys,
+                                                                                   job_env, monkeypatch):
+    spec, out = tmp_path / "four.yaml", tmp_path / "sweep"
+    spec.write_text(FOUR.format(base=QUICKSTART))
+    path, log = counting_path(tmp_path)
+    monkeypatch.setenv("PATH", path)
+    t0 = time.monotonic()
+    rc, stdout, stderr = cli_main(capsys, "sweep", str(spec), "--out", str(out), "--executor", "slurm",
+                                  "--cpus-per-task", "1", "--time", "5", "--wait")
+    wall = time.monotonic() - t0
+    assert rc == 0, stdout + stderr[-3000:]
+    made = calls(log)
+    queries = [c for c in made if c.split()[0] in ("squeue", "scontrol", "sacct")]
+    assert [c.split()[0] for c in made].count("sbatch") == 1
+    # at most one query per 30 s of waiting plus a handful (the code before: 30 scontrol calls in 22 s)
+    assert len(queries) <= wall / 30 + 3, (wall, made)
+    log.unlink(missing_ok=True)
+    rc, stdout, _ = cli_main(capsys, "status", str(out))
+    assert rc == 0 and stdout.splitlines()[0] == "four: 4 run(s): 4 finished", stdout
+    rows = stdout.splitlines()[2:]
+    assert len(rows) == 4 and all(re.search(r" finished +2/2 +0\.\d{4} +\d+_\d ", r) for r in rows), stdout
+    assert len(calls(log)) <= 1  # one squeue at most (none: every run's job ended well)
+    with capsys.disabled():  # for the record (pytest -s): what was asked, and what status says
+        print(f"\n{len(made)} scheduler calls in {wall:.0f} s: {made}\n{stdout}")
+
+
+def test_one_job_per_run_directory_and_status_and_cancel_while_queued(slurm, tmp_path, capsys, job_env):
+    held = tmp_path / "held.yaml"
+    held.write_text("sbatch: {hold: true}\n")  # the job waits in the queue until released
+    d = tmp_path / "run"
+    args = ["submit", str(QUICKSTART), f"run.dir={d}", *TINY, "--executor", "slurm", "--cluster", str(held),
+            "--cpus-per-task", "1", "--time", "5"]
+    rc, out, err = cli_main(capsys, *args)
+    assert rc == 0, err[-3000:]
+    job = re.search(r"submitted slurm job (\d+)", out).group(1)
+    try:
+        rc, _, err = cli_main(capsys, *args)  # the same run.dir again while the first job is queued
+        assert rc == 2 and f"is leased by slurm job {job}" in err and "Traceback" not in err
+        assert max(known_job_ids()) == int(job)  # nothing submitted
+        rc, out, _ = cli_main(capsys, "status", str(d))
+        assert rc == 0 and re.search(rf"^run +queued \(PENDING\) +0/{ROUNDS} +- +{job} ", out, flags=re.M), out
+        rc, out, _ = cli_main(capsys, "cancel", str(d))
+        assert rc == 0 and f"cancelled slurm job {job} (queued): run" in out
+        assert job_fields(job).get("JobState") in (None, "CANCELLED")
+        rc, out, err = cli_main(capsys, *args)  # its job gone: the lease is stale, the run may go again
+        assert rc == 0, err[-3000:]
+        again = re.search(r"submitted slurm job (\d+)", out).group(1)
+        subprocess.run(["scancel", again], env=clean_env(), timeout=30)
+    finally:
+        subprocess.run(["scancel", job], env=clean_env(), timeout=30)
+
+
+def test_train_sbatch_on_a_leased_directory_exits_without_training(slurm, tmp_path):
+    holder = subprocess.run(["sbatch", "--parsable", "--hold", "--time=5", "--wrap", "sleep 300"],
+                            capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert holder.returncode == 0, holder.stderr
+    held = holder.stdout.strip().split(";")[0]
+    d, out = tmp_path / "leased", tmp_path / "job.out"
+    d.mkdir()
+    (d / "lease.json").write_text(json.dumps({"job": held, "executor": "slurm", "host": "login", "pid": None,
+                                              "since": "2026-12-04T10:00:00", "refreshed": None}))
+    env = clean_env(FEDPEFT_HPC=f"{sys.executable} -m fedpeft_hpc")
+    try:
+        sub = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=1", "--time=5", f"--output={out}",
+                              str(REPO / "slurm" / "train.sbatch"), str(QUICKSTART), f"run.dir={d}", *TINY],
+                             capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+        assert sub.returncode == 0, sub.stderr
+        from tests.slurm_support import wait_for_job
+
+        state, exit_code = wait_for_job(sub.stdout.strip().split(";")[0], timeout=180)
+        log = out.read_text()
+        assert (state, exit_code) == ("FAILED", "2:0"), log[-3000:]
+        assert f"is leased by slurm job {held}" in log
+        assert sorted(p.name for p in d.iterdir()) == ["lease.json"]  # nothing trained, nothing written
+    finally:
+        subprocess.run(["scancel", held], env=clean_env(), timeout=30)

@@ -184,13 +184,13 @@ STAND_IN_RUN = ["data.name=synthetic", "data.synthetic_samples=6400", "data.synt
                 "fed.local_epochs=1", "run.threads=1", "run.progress=false", *TINY_MODEL]
 
 FAMILIES = [  # (sweep file, run name without the seed)
-    ("cifar100_methods.yaml", "partition=dirichlet_method=lora_lr=0.005_clients_per_round=8"),
-    ("pcam_methods.yaml", "partition=iid_method=full_lr=0.001_clients_per_round=1"),  # communication-matched
-    ("cifar100_dp.yaml", "target_epsilon=5.0_method=prompt_lr=0.01"),
-    ("cifar100_clients16.yaml", "method=bias_lr=0.01"),
-    ("cifar100_full_participation.yaml", "method=head_lr=0.005"),
-    ("cifar100_dropout.yaml", "method=adapter_lr=0.005"),
-    ("pcam_lowdata.yaml", "max_train_samples=1000_method=bias_lr=0.01"),
+    ("cifar100_methods.yaml", "partition=dirichlet_clients_per_round=8_lr=0.005_method=lora"),
+    ("pcam_methods.yaml", "partition=iid_clients_per_round=1_lr=0.001_method=full"),  # communication-matched
+    ("cifar100_dp.yaml", "lr=0.01_method=prompt_target_epsilon=5.0"),
+    ("cifar100_clients16.yaml", "lr=0.01_method=bias"),
+    ("cifar100_full_participation.yaml", "lr=0.005_method=head"),
+    ("cifar100_dropout.yaml", "lr=0.005_method=adapter"),
+    ("pcam_lowdata.yaml", "max_train_samples=1000_lr=0.01_method=bias"),
 ]
 
 
@@ -244,17 +244,17 @@ def _gpu_hours_tool():
 def test_gpu_hours_count_the_images_every_run_trains_and_evaluates():
     tool = _gpu_hours_tool()
     work = {w["run"]: w for w in tool.sweep_workload(SWEEPS / "cifar100_methods.yaml")}
-    main_run = work["partition=iid_method=bias_lr=0.01_clients_per_round=8_seed=42"]
+    main_run = work["partition=iid_clients_per_round=8_lr=0.01_method=bias_seed=42"]
     # 50 rounds x 8 clients x 10 epochs x 50,000 / 64 images; 50 evaluations of 10,000 test images
     assert (main_run["trained"], main_run["evaluated"], main_run["dp"]) == (3_125_000, 500_000, False)
-    assert work["partition=iid_method=full_lr=0.001_clients_per_round=1_seed=42"]["trained"] == 3_125_000 / 8
+    assert work["partition=iid_clients_per_round=1_lr=0.001_method=full_seed=42"]["trained"] == 3_125_000 / 8
     dropout = tool.sweep_workload(SWEEPS / "cifar100_dropout.yaml")
     assert {w["trained"] for w in dropout} == {3_125_000 / 2}  # half of the sampled clients return
     low = {w["run"]: w for w in tool.sweep_workload(SWEEPS / "pcam_lowdata.yaml")}
-    assert low["max_train_samples=1000_method=lora_lr=0.005_seed=3407"]["trained"] == 50 * 8 * 10 * 1000 / 64
+    assert low["max_train_samples=1000_lr=0.005_method=lora_seed=3407"]["trained"] == 50 * 8 * 10 * 1000 / 64
     assert all(w["dp"] for w in tool.sweep_workload(SWEEPS / "cifar100_dp.yaml"))
     seconds = {m: {"train_image_s": 1e-3, "eval_image_s": 1e-4} for m in METHODS}
-    runs = [main_run, work["partition=iid_method=full_lr=0.001_clients_per_round=4_seed=42"]]
+    runs = [main_run, work["partition=iid_clients_per_round=4_lr=0.001_method=full_seed=42"]]
     assert tool.gpu_hours(runs, seconds) == pytest.approx((3_125_000 * 1.5 * 1e-3 + 2 * 500_000 * 1e-4) / 3600)
     assert tool.gpu_hours(runs + [{**main_run, "dp": True}], seconds) is None  # DP not measured: no number
 

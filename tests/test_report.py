@@ -77,10 +77,10 @@ def test_markdown_has_mean_std_over_seeds_and_lists_unfinished_runs(sweep_dir):
     assert md == (sweep_dir / "results.md").read_text()
     assert md.startswith("# demo: results")
     assert "5 runs: 3 finished, 1 interrupted, 1 new." in md
-    assert "| method | n | final acc | best acc | trainable params | MB sent | wall s |" in md
+    assert "| method | rounds | n | final acc | best acc (test-chosen) | trainable params | MB sent | wall s |" in md
     # bias: final 0.5, 0.7 -> 0.6 +- 0.1414 (sample std); best 0.6, 0.7 -> 0.65 +- 0.0707
-    assert "| bias | 2/2 | 0.6000 ± 0.1414 | 0.6500 ± 0.0707 | 3,082 | 0.01 | 0.8 |" in md
-    assert "| lora | 1/3 | 0.8000 | 0.8000 | 6,794 | 0.01 | 0.8 |" in md
+    assert "| bias | 3 | 2/2 | 0.6000 ± 0.1414 | 0.6500 ± 0.0707 | 3,082 | 0.01 | 0.8 |" in md
+    assert "| lora | 3 | 1/3 | 0.8000 | 0.8000 | 6,794 | 0.01 | 0.8 |" in md
     assert "- `method=lora_seed=2`: interrupted, 2 round(s) of 3 done" in md
     assert "- `method=lora_seed=3`: new, 0 round(s) of 3 done" in md
     assert "epsilon" not in md
@@ -102,7 +102,9 @@ def test_plots_are_labelled_and_bytes_are_on_a_log_axis(sweep_dir, tmp_path):
     assert ax.get_xscale() == "log" and "MB" in ax.get_xlabel() and "accuracy" in ax.get_ylabel()
     assert "demo" in ax.get_title()
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert legend == ["method=bias (n=2)", "method=lora (1/3 finished)"]
+    assert legend == ["method=bias (n=2)", "method=lora (1/3 finished)", "Pareto front (last rounds)"]
+    front = next(line for line in ax.get_lines() if line.get_label() == "Pareto front (last rounds)")
+    assert list(front.get_ydata()) == [0.8]  # lora beats bias at the same MB: bias is not on the front
     fig = plot_accuracy_vs_round(coll, tmp_path / "r.png")
     assert fig.axes[0].get_xscale() == "linear" and "round" in fig.axes[0].get_xlabel()
     for p in (tmp_path / "b.png", tmp_path / "r.png"):
@@ -111,7 +113,7 @@ def test_plots_are_labelled_and_bytes_are_on_a_log_axis(sweep_dir, tmp_path):
 
 def test_report_command_writes_the_four_files(sweep_dir, capsys):
     assert main(["report", str(sweep_dir)]) == 0
-    assert "| bias | 2/2 |" in capsys.readouterr().out
+    assert "| bias | 3 | 2/2 |" in capsys.readouterr().out
     assert all((sweep_dir / f).is_file() for f in FILES)
 
 
@@ -122,7 +124,7 @@ def test_a_single_run_directory_and_dp_epsilon(tmp_path):
     with open(run / "results.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row["name"] == "run" and row["seed"] == "42" and float(row["epsilon"]) == 3.0
-    assert "| run | 1/1 | 0.9000 | 0.9000 | 3,082 | 0.00 | 0.5 | 3.000 |" in md and "epsilon" in md
+    assert "| run | 2 | 1/1 | 0.9000 | 0.9000 | 3,082 | 0.00 | 0.5 | 3.000 |" in md and "epsilon" in md
 
 
 def test_zero_noise_epsilon_is_reported_as_unbounded(tmp_path):
@@ -142,9 +144,10 @@ def test_a_folder_of_runs_is_grouped_by_the_keys_that_differ(tmp_path):
             make_run(tmp_path / "qs" / f"{method}{seed}", seed=seed, accs=[0.5 + seed / 10], rounds=1,
                      method=method)
     coll = collect(tmp_path / "qs")
-    assert coll.swept == ["peft.method"] and list(coll.settings()) == ["method=bias", "method=lora"]
+    assert coll.swept == ["peft.method"] and [rs[0].setting_name for rs in coll.settings().values()] == [
+        "method=bias", "method=lora"]
     _, md = write_report(tmp_path / "qs")
-    assert "| bias | 2/2 | 0.6500 ± 0.0707 |" in md
+    assert "| bias | 1 | 2/2 | 0.6500 ± 0.0707 |" in md
 
 
 def test_a_directory_without_runs_is_a_user_error(tmp_path, capsys):
@@ -176,13 +179,14 @@ def test_panels_split_the_plots_by_a_swept_key(grid_dir, tmp_path):
         axes = [ax for ax in fig.axes if ax.get_visible()]
         assert [ax.get_title() for ax in axes] == ["partition=iid", "partition=dirichlet"]
         for ax in axes:  # inside a panel only the method differs
-            assert [t.get_text() for t in ax.get_legend().get_texts()] == ["method=bias (n=1)", "method=full (n=1)"]
+            legend = [t.get_text() for t in ax.get_legend().get_texts()]  # (the bytes plot: + its Pareto front)
+            assert legend[:2] == ["method=bias (n=1)", "method=full (n=1)"]
         assert "grid" in fig.get_suptitle()
         assert axes[0].get_shared_y_axes().joined(axes[0], axes[1])
     fig = plot_accuracy_vs_bytes(coll, tmp_path / "p.png", ["data.partition", "peft.method"])
     assert len([ax for ax in fig.axes if ax.get_visible()]) == 4
     fig = plot_accuracy_vs_bytes(coll, tmp_path / "p.png")  # no panels: one plot, every setting
-    assert len(fig.axes) == 1 and len(fig.axes[0].get_legend().get_texts()) == 4
+    assert len(fig.axes) == 1 and len(fig.axes[0].get_legend().get_texts()) == 4 + 1  # + the Pareto front
 
 
 def test_an_unknown_panel_key_exits_2_naming_the_swept_keys_and_writes_nothing(grid_dir, capsys):

@@ -3,10 +3,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -23,7 +21,7 @@ from fedpeft_hpc.runs.client_state import ClientStateStore
 from fedpeft_hpc.train import train
 from fedpeft_hpc.utils.files import read_jsonl
 from fedpeft_hpc.utils.streams import CLIENT_LAYERS, derived_seed
-from tests.conftest import BIN, QUICKSTART, run_cli, subprocess_env, tiny_overrides
+from tests.conftest import BIN, QUICKSTART, kill_after_rounds, run_cli, subprocess_env, tiny_overrides
 
 # the quickstart model: embed 64, 4 blocks, LoRA rank 4 on qkv (64 -> 192) and proj (64 -> 64), 10 classes
 B_FACTORS = 4 * (192 * 4 + 64 * 4)  # LoRA B of qkv and proj in 4 blocks
@@ -219,15 +217,7 @@ def test_a_killed_run_resumes_to_the_same_bits(tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     slow = "fed.local_epochs=3"  # rounds long enough to land the kill inside the run
     subprocess.run(_cmd(full, slow), check=True, env=subprocess_env(), capture_output=True, timeout=300)
-    proc = subprocess.Popen(_cmd(cut, slow), env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (cut / "metrics.jsonl").is_file() and len(read_jsonl(cut / "metrics.jsonl")) >= 3:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_rounds(_cmd(cut, slow), cut, 3)
     assert not (cut / "summary.json").exists(), "killed too late: the run had finished"
     subprocess.run(_cmd(cut, slow), check=True, env=subprocess_env(), capture_output=True, timeout=300)
     _same_runs(full, cut, 8, 0.0)

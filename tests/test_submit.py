@@ -188,5 +188,5 @@ def test_run_states_from_the_run_directory(tmp_path, monkeypatch):
     (d / "summary.json").write_text('{"final_acc": 0.5}')
     st = run_status(d, ref)
     assert st.state == "finished" and st.detail == "final_acc 0.5000"
-    monkeypatch.setattr(jobstate, "slurm_state", lambda job_id: "PENDING")
+    monkeypatch.setattr(jobstate, "squeue_snapshot", lambda ids: {i: jobstate.JobInfo("PENDING") for i in ids})
     assert run_status(d, ref).state == "queued"  # submitted again: its job decides

@@ -38,23 +38,34 @@ def grid_file(tmp_path: Path, lrs: str = "[0.05, 0.1]", seeds: str = "[1, 2]") -
 
 
 # -- expansion and names --------------------------------------------------------------------
-def test_grid_zip_seeds_expand_in_file_order_with_readable_names(tmp_path):
+def test_grid_zip_seeds_expand_in_file_order_with_readable_sorted_names(tmp_path):
     spec = load_sweep(write(tmp_path, f"base: {QUICKSTART}\ngrid:\n  data.alpha: [0.1, 0.5]\n"
                                       "zip:\n  peft.method: [bias, lora]\n  optim.lr: [0.05, 0.02]\n"
                                       "overrides: {fed.rounds: 3}\nseeds: [7, 3]\n"))
     runs = spec.runs(default_seed=42)
     assert [r.name for r in runs] == [
-        f"alpha={a}_method={m}_lr={lr}_seed={s}"
+        f"alpha={a}_lr={lr}_method={m}_seed={s}"
         for a in ("0.1", "0.5") for m, lr in (("bias", "0.05"), ("lora", "0.02")) for s in (7, 3)]
-    assert runs[2].setting == {"data.alpha": 0.1, "peft.method": "lora", "optim.lr": 0.02}
-    assert runs[2].setting_name == "alpha=0.1_method=lora_lr=0.02" and runs[2].seed == 7
+    assert runs[2].setting == {"data.alpha": 0.1, "optim.lr": 0.02, "peft.method": "lora"}
+    assert runs[2].setting_name == "alpha=0.1_lr=0.02_method=lora" and runs[2].seed == 7
     assert spec.name == "sweep" and spec.overrides == {"fed.rounds": 3}
     assert spec.runs(default_seed=42) == runs  # deterministic
 
 
 def test_without_seeds_the_base_seed_is_used(tmp_path):
     spec = load_sweep(write(tmp_path, f"base: {QUICKSTART}\ngrid: {{peft.method: [head]}}\n"))
-    assert [r.name for r in spec.runs(default_seed=42)] == ["method=head_seed=42"]
+    assert [r.name for r in spec.runs(default_seed=42)] == ["seed=42"]  # a one-value axis is not in names
+
+
+def test_names_do_not_depend_on_key_order_one_value_axes_or_how_a_number_is_written(tmp_path):
+    a = load_sweep(write(tmp_path, f"base: {QUICKSTART}\ngrid:\n  peft.method: [bias, lora]\n"
+                                   "  optim.lr: [0.05, 1]\nseeds: [1, 2]\n", "a.yaml"))
+    b = load_sweep(write(tmp_path, f"base: {QUICKSTART}\ngrid:\n  optim.momentum: [0.9]\n  optim.lr: [0.05, 1.0]\n"
+                                   "  peft.method: [bias, lora]\nseeds: [1, 2]\n", "b.yaml"))
+    assert sorted(r.name for r in a.runs(1)) == sorted(r.name for r in b.runs(1))
+    assert "lr=1.0_method=lora_seed=2" in [r.name for r in a.runs(1)]  # 1 and 1.0 of a float key: one value
+    assert b.swept_keys == ["optim.lr", "peft.method"]
+    assert all(r.values["optim.momentum"] == 0.9 for r in b.runs(1))  # the one-value axis still reaches the run
 
 
 def test_short_names_keep_just_enough_of_the_key():
@@ -132,7 +143,7 @@ def test_every_run_is_checked_with_one_build_per_model_and_data(tmp_path):
     planned = plan(spec, tmp_path / "out", pre)
     assert len(planned) == 8 and {p.status.state for p in planned} == {"new"}
     assert pre.builds == {"model": 2, "data": 2}  # bias/lora x seeds 1/2: learning rates build nothing
-    assert planned[0].cfg.run.dir == str(tmp_path / "out" / "method=bias_lr=0.05_seed=1")
+    assert planned[0].cfg.run.dir == str(tmp_path / "out" / "lr=0.05_method=bias_seed=1")
     assert not (tmp_path / "out").exists()
 
 
@@ -142,7 +153,8 @@ def test_an_invalid_value_exits_2_naming_run_and_key_and_writes_nothing(tmp_path
     err = capsys.readouterr().err
     assert rc == 2
     assert "4 of 8 runs are invalid, nothing was submitted" in err
-    assert "run method=lora_lr=-1_seed=2: optim.lr: must be > 0.0, got -1.0" in err
+    assert ("runs lr=-1.0_method=bias_seed=1, lr=-1.0_method=bias_seed=2, lr=-1.0_method=lora_seed=1 and 1 more: "
+            "optim.lr: must be > 0.0, got -1.0") in err  # one problem, said once
     assert not out.exists()
 
 
@@ -178,7 +190,7 @@ def test_local_sweep_runs_skips_resumes_and_reruns(tmp_path, capsys, job_env):
     assert rc == 0, stdout + stderr[-3000:]
     manifest = json.loads((out / "sweep.json").read_text())
     runs = manifest["runs"]
-    assert list(runs) == [f"method={m}_lr={lr}_seed={s}" for m in ("bias", "lora") for lr in ("0.05", "0.1")
+    assert list(runs) == [f"lr={lr}_method={m}_seed={s}" for m in ("bias", "lora") for lr in ("0.05", "0.1")
                           for s in (1, 2)]
     assert all(r["state"] == "finished" and r["job"]["executor"] == "local" for r in runs.values())
     assert all((out / name / "summary.json").is_file() for name in runs)
@@ -189,7 +201,7 @@ def test_local_sweep_runs_skips_resumes_and_reruns(tmp_path, capsys, job_env):
         rows = list(csv.DictReader(f))
     assert [r["name"] for r in rows] == list(runs) and {r["state"] for r in rows} == {"finished"}
     md = (out / "results.md").read_text()
-    assert len(re.findall(r"^\| (bias|lora) \| 0\.(05|1) \| 2/2 \|", md, flags=re.M)) == 4, md
+    assert len(re.findall(r"^\| 0\.(05|1) \| (bias|lora) \| 2 \| 2/2 \|", md, flags=re.M)) == 4, md
 
     # the same sweep again: nothing to run, nothing started
     logs = sorted(p.name for p in (out / "slurm").iterdir())
@@ -212,7 +224,7 @@ def test_local_sweep_runs_skips_resumes_and_reruns(tmp_path, capsys, job_env):
     shutil.rmtree(out / names[2])
     rc, stdout, stderr = cli_main(capsys, "sweep", str(spec), "--out", str(out), "--dry-run")
     assert rc == 0, stderr
-    states = dict(re.findall(r"^(method=\S+)\s+(\w+)", stdout, flags=re.M))
+    states = dict(re.findall(r"^(lr=\S+)\s+(\w+)", stdout, flags=re.M))
     assert states == {**{n: "finished" for n in names}, names[0]: "interrupted", names[1]: "failed",
                       names[2]: "new"}
     assert "(1 interrupted, 1 failed, 1 new, 5 finished); 3 to run" in stdout

@@ -17,10 +17,15 @@ from fedpeft_hpc.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+RESULTS = "bench.md"  # the results file under --out
+
+
 def run_bench(suite: str = "quick", device: str = "cpu", as_json: bool = False,
-              markdown: Optional[str] = "BENCHMARKS.md",
+              markdown: Optional[str] = None, out: Optional[str] = "runs/bench",
               profile_ops: bool = False, only: Optional[list[str]] = None, threads: int = 0,
               command: str = "fedpeft-hpc bench", knobs: Optional[dict] = None) -> int:
+    """``out``: the directory whose ``bench.md`` gets the rows (None: none); ``markdown``: also append them to
+    this table (e.g. the repository's BENCHMARKS.md), only when asked."""
     from tqdm import tqdm
 
     from fedpeft_hpc.bench import report
@@ -59,8 +64,10 @@ def run_bench(suite: str = "quick", device: str = "cpu", as_json: bool = False,
     print(text, file=sys.stderr if as_json else sys.stdout)
     for prof in ctx.profiles:
         print(prof, file=sys.stderr)
-    if markdown:
-        report.append_markdown(Path(markdown), rows, meta)
+    for path in ([Path(out) / RESULTS] if out else []) + ([Path(markdown)] if markdown else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report.append_markdown(path, rows, meta)
+        print(f"rows appended to {path}", file=sys.stderr)
     if as_json:
         print(json.dumps(report.as_json(rows, meta)))
     return 0

@@ -74,8 +74,15 @@ def choose_backend(cfg: CommConfig, device: torch.device) -> str:
     return cfg.backend
 
 
-def default_threads(world: WorldInfo) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, world.local_world_size))
+def slurm_cpus_per_task(env: Optional[Mapping[str, str]] = None) -> int | None:
+    """The cores SLURM gave each task (``SLURM_CPUS_PER_TASK``: srun, sbatch and submitit jobs alike)."""
+    text = (os.environ if env is None else env).get("SLURM_CPUS_PER_TASK", "").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else None
+
+
+def default_threads(world: WorldInfo, env: Optional[Mapping[str, str]] = None) -> int:
+    """``run.threads=0``: the cores SLURM gave this task, else this node's cores shared by its ranks."""
+    return slurm_cpus_per_task(env) or max(1, (os.cpu_count() or 1) // max(1, world.local_world_size))
 
 
 class Runtime:
@@ -102,7 +109,7 @@ class Runtime:
         backend = choose_backend(cfg, device)
         if threads < 0:
             raise ConfigError("run.threads", f"must be >= 0, got {threads}")
-        torch.set_num_threads(threads if threads > 0 else default_threads(world))
+        torch.set_num_threads(threads if threads > 0 else default_threads(world, env))
         if device.type == "cuda":
             torch.cuda.set_device(device)
 

@@ -116,6 +116,24 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(key, f"unsupported type {tp}")  # pragma: no cover - schema bug
 
 
+def typed_value(key: str, value: Any) -> Any:
+    """``value`` as the dotted ``key`` declares it (``1`` -> ``1.0`` for a float key, ``"1e-3"`` -> ``0.001``);
+    unchanged where the key is unknown or the value does not convert (validation says so later)."""
+    cls: Any = Config
+    parts = key.split(".")
+    for part in parts[:-1]:
+        cls = _hints(cls).get(part) if dataclasses.is_dataclass(cls) else None
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return value
+    tp = _hints(cls).get(parts[-1])
+    if tp is None or dataclasses.is_dataclass(tp):
+        return value
+    try:
+        return _coerce(key, value, tp)
+    except ConfigError:
+        return value
+
+
 def check_value(key: str, value: Any, meta: dict) -> None:
     """``value`` against a field's metadata (``schema.opt``): allowed values and bounds."""
     choices = meta.get("choices")
@@ -314,8 +332,22 @@ def validate(cfg: Config) -> None:
                           "without replacement and accounted with dp-accounting's RDP analysis: use "
                           "privacy.accountant=rdp, or fed.sampling=poisson with prv")
     _validate_split_state(cfg)
+    _validate_compression(cfg)
     if cfg.model.pretrain_recipe is not None and not cfg.model.checkpoint:
         raise ConfigError("model.checkpoint", "model.pretrain_recipe needs a model.checkpoint path to build")
+
+
+def _validate_compression(cfg: Config) -> None:
+    """``fed.error_feedback`` needs an uplink encoding; heterogeneous LoRA ranks send per-rank tensors that the
+    encoders do not handle."""
+    fed = cfg.fed
+    if fed.error_feedback and fed.compress_up == "none":
+        raise ConfigError("fed.error_feedback", "true needs an uplink encoding (fed.compress_up: fp16, bf16, int8, "
+                                                "int4 or topk); with compress_up=none there is no residual")
+    if cfg.peft.lora_ranks and (fed.compress_up != "none" or fed.compress_down != "none"):
+        raise ConfigError("fed.compress_up" if fed.compress_up != "none" else "fed.compress_down",
+                          "compressed transfers are not implemented with heterogeneous LoRA ranks "
+                          "(peft.lora_ranks); use compress_up=none and compress_down=none, or peft.lora_ranks=[]")
 
 
 def _validate_split_state(cfg: Config) -> None:

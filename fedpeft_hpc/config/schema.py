@@ -25,6 +25,7 @@ def opt(default: Any, help: str = "", choices: tuple | None = None, min: float |
 
 
 # names of the parts of a PEFT state (``peft.local``, ``peft.frozen``); which a method has: peft/parts.py
+CODEC_CHOICES = ("none", "fp16", "bf16", "int8", "int4", "topk")
 PEFT_PARTS = ("head", "lora_a", "lora_b", "adapter", "prompt", "bias")
 
 
@@ -38,7 +39,7 @@ class RunConfig:
     checkpoint_every: int = opt(1, "write the global PEFT state every N rounds (and always at the end)", min=1)
     keep_checkpoints: int = opt(2, "how many round checkpoints to keep besides latest (0: only latest)", min=0)
     threads: int = opt(0, "CPU threads per process (0: cores / processes on this node)", min=0)
-    progress: bool = opt(True, "show a progress bar on rank 0")
+    progress: bool = opt(True, "show a progress bar on rank 0 (only when its stderr is a terminal)")
     tensorboard: bool = opt(False, "also write every round's metrics as TensorBoard scalars to run.dir/tensorboard "
                                    "(needs the tensorboard package)")
     log_level: str = opt("info", "logging level", choices=("debug", "info", "warning", "error"))
@@ -122,6 +123,10 @@ class DataConfig:
                                       "in partition.json) to measure personal_acc: each client's own model (global "
                                       "state + its local parts + its LoRA rank) on its own held-out samples",
                                       min=0.0, max=1.0, max_exclusive=True)
+    patches_per_class: int = opt(100, "skimage_photos, skimage_science: training patches cut from each source "
+                                 "image (class)", min=1)
+    test_patches_per_class: int = opt(40, "skimage_photos, skimage_science: test patches per class, cut from "
+                                      "regions of the image no training patch touches", min=1)
 
 
 @dataclass
@@ -144,6 +149,18 @@ class FedConfig:
                                 "poisson (each client independently with probability clients_per_round / "
                                 "num_clients), auto (poisson with privacy.mode=client, else fixed)",
                         choices=("auto", "fixed", "poisson"))
+    compress_up: str = opt("none", "encoding of each client's update on the uplink: none (fp32), fp16, bf16, int8 or "
+                                   "int4 (per-block scales, stochastic rounding), topk (fed.topk_fraction largest "
+                                   "entries with their indices); the server aggregates what it decodes",
+                           choices=CODEC_CHOICES)
+    compress_down: str = opt("none", "encoding of the global state's difference from the initial PEFT state on the "
+                                     "downlink (same encodings); clients train from what they decode",
+                             choices=CODEC_CHOICES)
+    topk_fraction: float = opt(0.1, "share of entries fed.compress_*=topk sends (at least one)", min=0.0, max=1.0,
+                               min_exclusive=True)
+    error_feedback: bool = opt(False, "each client adds the residual of its last uplink encoding to its next update "
+                                      "(kept per client in run.dir/client_state_residual); needs fed.compress_up")
+    compress_block: int = opt(256, "values that share one fp32 scale under int8 / int4", min=1)
 
 
 @dataclass

@@ -6,6 +6,7 @@ from fedpeft_hpc.data.augment import AUGMENTS, augment_batch
 from fedpeft_hpc.data.datasets import (DATASETS, DataBundle, TensorImageDataset, build_datasets,
                                        digits_split_indices, digits_splits, get_builder, register_dataset)
 from fedpeft_hpc.data.loader import batches_from_index_lists, iterate_batches, num_batches
+from fedpeft_hpc.data import patches as _patches  # noqa: F401  (registers skimage_photos, skimage_science)
 from fedpeft_hpc.data.partition import (load_partition, make_partition, partition_dirichlet, partition_iid,
                                         partition_stats, save_partition)
 from fedpeft_hpc.data.sources import BatchSources

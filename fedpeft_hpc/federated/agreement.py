@@ -62,9 +62,19 @@ def backbone_fingerprint(model: nn.Module) -> int:
     return _hash(chunks)
 
 
+def _label_chunks(train_targets: np.ndarray, n_train: int, n_test: int) -> list[bytes]:
+    return [np.asarray(train_targets, dtype=np.int64).tobytes(), str((n_train, n_test)).encode()]
+
+
+def labels_fingerprint(train_targets: np.ndarray, n_train: int, n_test: int) -> int:
+    """Training labels and both splits' sizes: the part of ``data_fingerprint`` that reads no image (a run's
+    identity, ``runs/identity``, computed on a login node too)."""
+    return _hash(_label_chunks(train_targets, n_train, n_test))
+
+
 def data_fingerprint(train_targets: np.ndarray, train, test) -> int:
     """Labels and sizes of both splits, plus the first and last training and the first test image."""
-    chunks = [np.asarray(train_targets, dtype=np.int64).tobytes(), str((len(train), len(test))).encode()]
+    chunks = _label_chunks(train_targets, len(train), len(test))
     for ds, i in ((train, 0), (train, len(train) - 1), (test, 0)):
         if len(ds):
             x, y = ds[i]

@@ -29,12 +29,12 @@ from fedpeft_hpc.peft import FlatLayout
 from fedpeft_hpc.peft.lora import set_active_rank
 from fedpeft_hpc.peft.parts import StateParts, select, state_parts
 from fedpeft_hpc.peft.ranks import rank_bytes, rank_mask, truncate_
-from fedpeft_hpc.runs.client_state import ClientStateStore, remove_store
+from fedpeft_hpc.runs.client_state import ClientStateStore, StoreRounds, open_recovered
 
 STORE_DIR = "client_state"
 
 
-class ClientParts:
+class ClientParts(StoreRounds):
     def __init__(self, cfg: Config, model: nn.Module, params: Mapping[str, nn.Parameter],
                  lora_ranks: np.ndarray | None, run_dir: Path, device: torch.device):
         self.parts: StateParts = state_parts(model, cfg.peft)
@@ -75,23 +75,13 @@ class ClientParts:
     # -- the store ----------------------------------------------------------------------------
     def open_store(self, is_main: bool, resume_round: int | None) -> None:
         """Rank 0 (before the ranks agree on the start): the store as of the checkpoint (none: fresh)."""
-        if not self.local or not is_main:
-            return
-        if resume_round is None:
-            remove_store(self.store_dir)
-        store = ClientStateStore(self.store_dir, self.init_local, self.num_clients)
-        store.recover(resume_round or 0)
-        store.close()
+        if self.local and is_main:
+            open_recovered(self.store_dir, self.init_local, self.num_clients, resume_round)
 
     def attach_store(self) -> None:
         """Every rank, after rank 0's ``open_store`` (the ranks' agreement check lies between)."""
         if self.local:
             self.store = ClientStateStore(self.store_dir, self.init_local, self.num_clients)
-
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
-            self.store = None
 
     # -- a client -----------------------------------------------------------------------------
     def rank_of(self, client: int) -> int | None:
@@ -180,19 +170,6 @@ class ClientParts:
         if rank not in self._bytes:
             self._bytes[rank] = rank_bytes(self.sent, rank)
         return self._bytes[rank]
-
-    # -- rounds -------------------------------------------------------------------------------
-    def end_round(self, round_idx: int, rank: int) -> None:
-        if self.store is not None:
-            self.store.end_round(round_idx, rank)
-
-    def after_aggregate(self, round_idx: int) -> None:
-        if self.store is not None:
-            self.store.index_round(round_idx)
-
-    def after_checkpoint(self, round_idx: int, rank: int) -> None:
-        if self.store is not None:
-            self.store.compact(round_idx, rank)
 
 
 def _index_into(layout: FlatLayout, names) -> torch.Tensor:

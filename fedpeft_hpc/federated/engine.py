@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,11 +28,13 @@ from fedpeft_hpc.data import BatchSources, partition_stats, save_partition
 from fedpeft_hpc.errors import ConfigError
 from fedpeft_hpc.federated.aggregate import RoundBuffer, RoundStats, update_is_valid
 from fedpeft_hpc.federated.agreement import (backbone_fingerprint, check_agreement, check_resume, config_fingerprint,
-                                             data_fingerprint, partition_fingerprint, state_fingerprint)
+                                             data_fingerprint, labels_fingerprint, partition_fingerprint,
+                                             state_fingerprint)
 from fedpeft_hpc.federated.batched import BatchedClientTrainer, ClientJob
 from fedpeft_hpc.federated.client import local_train, make_optimizer
 from fedpeft_hpc.federated.client_batch import plan_client_batch
 from fedpeft_hpc.federated.client_parts import ClientParts
+from fedpeft_hpc.federated.compress import Compression, compression_order
 from fedpeft_hpc.federated.evaluate import evaluate_shard
 from fedpeft_hpc.federated.federation import Federation, build_federation
 from fedpeft_hpc.federated.ledger import ByteLedger
@@ -118,6 +121,8 @@ class FederatedTrainer:
         self.layout = FlatLayout(self.client_parts.sent)
         self.global_vec = self.layout.flatten(self.client_parts.sent, torch.float32)
         self.server_opt = build_server_optimizer(cfg.server, self.layout.size, comm.device)
+        # encoded transfers (fed.compress_up/down) and the clients' error-feedback residuals
+        self.compression = Compression(cfg, self.global_vec, self.rundir.path)
         self.ledger = ByteLedger(self.fed.counts["bytes_per_transfer"], self.fed.built.full_bytes_per_transfer)
         self.start_round = 1
         self.best_acc: float | None = None
@@ -127,12 +132,14 @@ class FederatedTrainer:
             self._restore(resume)
         # rank 0 puts the client-state store back to the checkpoint's round (the agreement below waits for it)
         self.client_parts.open_store(comm.is_main, resume.round if resume is not None else None)
+        self.compression.open_store(comm.is_main, resume.round if resume is not None else None)
         # every rank must start from the same place: checked before anything is written
         check_agreement(comm, {**self.fingerprints, "config": config_fingerprint(cfg),
                                "start_round": self.start_round, "rerun_rounds": len(self.rerun_rounds),
                                "global_state": state_fingerprint(self.global_vec),
                                "partition": partition_fingerprint(self.fed.client_indices)})
         self.client_parts.attach_store()
+        self.compression.attach_store()
         self.noise_key = self._noise_key()
         image = self.fed.built.image
         # a batched slot holds every trained tensor of a client: the sent and the local ones
@@ -144,6 +151,8 @@ class FederatedTrainer:
                             else self.fed.privacy.wrap_model(self.model))  # may still refuse the model
         self.accumulate_s = 0.0
         self.rundir.start(cfg, resume)
+        data = self.fed.data
+        self.rundir.write_identity(cfg, labels_fingerprint(data.train_targets, len(data.train), len(data.test)))
         # from here on this process's log also goes to the run directory (until fit() ends or close())
         self._detach_log = log_to_file(self.rundir.log_path(comm.rank), comm.rank, comm.world_size)
         self.fed.privacy.use_noise(self.noise_key)
@@ -236,7 +245,10 @@ class FederatedTrainer:
         self.accumulate_s = 0.0
         for client, res in self._local_results(round_idx, clients):
             t0 = time.perf_counter()
-            vec, weight = fed.privacy.client_update(res.delta, int(fed.sizes[client]))
+            # what the server decodes (error feedback: the client's residual added, the new one kept), then
+            # clipped by client-level DP: the clipping bound holds for what is aggregated
+            delta = self.compression.uplink(round_idx, client, res.delta)
+            vec, weight = fed.privacy.client_update(delta, int(fed.sizes[client]))
             if update_is_valid(vec, cfg.fed.max_update_norm):
                 buf.add(vec, weight, res.loss_sum, res.seen, res.correct)
             else:
@@ -269,22 +281,23 @@ class FederatedTrainer:
     def _local_results(self, round_idx: int, clients: list[int]):
         """``(client, LocalResult)`` for each of this rank's clients: K at a time, or one after another."""
         cfg, fed, device = self.cfg, self.fed, self.comm.device
+        sent = self.compression.downlink(round_idx, self.global_vec)  # what the clients decode
         if self.client_batch and clients:
             # longest first: the slots of clients that finish are refilled, so the short ones fill the tail
             order = sorted(clients, key=lambda c: (-int(fed.sizes[c]), c))
             jobs = [ClientJob(c, functools.partial(self._client_batches, round_idx, c, deferred=True),
-                              fed.privacy.client_noise(c, round_idx, int(fed.sizes[c])), **self._slot_hooks(c))
+                              fed.privacy.client_noise(c, round_idx, int(fed.sizes[c])), **self._slot_hooks(c, sent))
                     for c in order]
             trainer = BatchedClientTrainer(self.model, self.client_parts.full_layout, cfg.optim,
                                            min(self.client_batch, len(clients)), device, cfg.model.precision,
                                            compile=cfg.run.compile, batch_size=cfg.data.batch_size)
-            yield from trainer.train(self.global_vec, jobs)
+            yield from trainer.train(sent, jobs)
             return
         parts = self.client_parts
         for client in clients:
             opt = make_optimizer(self.params.values(), cfg.optim)
             opt = fed.privacy.wrap_optimizer(opt, client, round_idx, int(fed.sizes[client]))
-            start = parts.start(client, self.global_vec)  # its local parts and rank loaded
+            start = parts.start(client, sent)  # its local parts and rank loaded
             res = local_train(self.train_model, self.params, self.layout, start,
                               self._client_batches(round_idx, client), opt, device,
                               layers_seed=derived_seed(cfg.seed, CLIENT_LAYERS, round_idx, client),
@@ -292,12 +305,13 @@ class FederatedTrainer:
             res.delta = parts.finish(client, res.delta, self.global_vec)  # its local parts stored
             yield client, res
 
-    def _slot_hooks(self, client: int) -> dict:
-        """A batched client's own slot row, update and rank (``ClientJob``) where it has local parts or a rank."""
+    def _slot_hooks(self, client: int, sent: torch.Tensor) -> dict:
+        """A batched client's own slot row (from ``sent``, the state it decodes), update and rank (``ClientJob``)
+        where it has local parts or a rank."""
         parts = self.client_parts
         if not parts.per_client:
             return {}
-        return {"start": functools.partial(parts.slot_start, client, self.global_vec),
+        return {"start": functools.partial(parts.slot_start, client, sent),
                 "finish": functools.partial(parts.slot_finish, client, global_vec=self.global_vec),
                 "rank": parts.rank_of(client)}
 
@@ -333,11 +347,13 @@ class FederatedTrainer:
         share = assign_to_ranks(returning, fed.sizes, comm.world_size)[comm.rank]
         buf = self._train_clients(round_idx, share)
         self.client_parts.end_round(round_idx, comm.rank)  # this rank's clients' local parts, journaled
+        self.compression.end_round(round_idx, comm.rank)  # and their error-feedback residuals
         t_trained = _synced(comm.device)
         # 3. ONE all-reduce aggregates updates, weights and metric sums of every rank
         calls_before = comm.call_count("aggregate")
         comm.allreduce_sum_(buf.values, tag="aggregate")
         self.client_parts.after_aggregate(round_idx)  # every rank's journal of this round now exists
+        self.compression.after_aggregate(round_idx)
         update_sum, stats = buf.split()
         # 4. the server rule (and DP noise), identically on every rank
         # client-level DP always releases the noised, divided sum (noise alone for an empty cohort), as
@@ -373,7 +389,13 @@ class FederatedTrainer:
                            wall_s=time.perf_counter() - t0)
 
     def _client_bytes(self, cohort, returning) -> dict[str, int]:
-        """With heterogeneous ranks each client receives and sends its own tensors: their bytes summed."""
+        """With heterogeneous ranks each client receives and sends its own tensors: their bytes summed; encoded
+        transfers count the encoded payloads."""
+        comp = self.compression
+        if comp.active:
+            n_up = len(returning)
+            return {"down": len(cohort) * comp.down_bytes, "up": n_up * comp.up_bytes,
+                    "raw": (len(cohort) + n_up) * self.ledger.bytes_per_transfer}
         if self.fed.lora_ranks is None:
             return {}
         per = self.ledger.bytes_per_transfer
@@ -390,8 +412,10 @@ class FederatedTrainer:
         return MetricsSinks(sinks)
 
     def close(self) -> None:
-        """Stop writing this process's log to the run directory. Safe to call twice."""
+        """Free the run directory (its lease) and stop writing this process's log to it. Safe to call twice."""
         self.client_parts.close()
+        self.compression.close()
+        self.rundir.release_lease()
         if self._detach_log is not None:
             self._detach_log()
             self._detach_log = None
@@ -423,9 +447,11 @@ class FederatedTrainer:
                 sinks.write(row)
                 if r % cfg.run.checkpoint_every == 0 or r == cfg.fed.rounds:
                     self.rundir.save(self._checkpoint(r), cfg.run.keep_checkpoints)
-                    if self.client_parts.store is not None:
+                    if self.client_parts.store is not None or self.compression.store is not None:
                         self.comm.barrier(tag="client_state")  # the checkpoint exists before journals go
                         self.client_parts.after_checkpoint(r, self.comm.rank)
+                        self.compression.after_checkpoint(r, self.comm.rank)
+                self.rundir.refresh_lease()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(_postfix(row, self.last_acc))
@@ -443,6 +469,8 @@ class FederatedTrainer:
         """``privacy.json``: the mechanism's report, and under DP what the run directory releases (rank 0 reads
         back the fields metrics.jsonl holds)."""
         report = self._state_parts_report(self.fed.privacy.report())
+        if self.cfg.privacy.mode != "none" and self.compression.active:
+            report["compression"] = {**self.compression.describe(), **compression_order(self.cfg.privacy.mode)}
         if self.cfg.privacy.mode == "none" or not self.comm.is_main:
             return report
         fields = set().union(*(r.keys() for r in read_jsonl(self.rundir.metrics_path)))
@@ -469,6 +497,10 @@ class FederatedTrainer:
              "bytes_per_transfer": counts["bytes_per_transfer"],
              "bytes_up_total": self.ledger.bytes_up_total, "bytes_down_total": self.ledger.bytes_down_total,
              "bytes_total": self.ledger.bytes_total, "full_ft_bytes_total": self.ledger.full_ft_bytes_total,
+             "compress_up": self.cfg.fed.compress_up, "compress_down": self.cfg.fed.compress_down,
+             "bytes_up_per_transfer": self.compression.up_bytes,
+             "bytes_down_per_transfer": self.compression.down_bytes,
+             "compression_ratio": self.ledger.compression_ratio,
              "world_size": self.comm.world_size, "seed": self.cfg.seed,
              "sent_params": counts["sent_params"], "local_params": counts["local_params"],
              "frozen_params": counts["frozen_params"]}
@@ -523,7 +555,8 @@ def _synced(device: torch.device) -> float:
 
 
 def _progress(cfg: Config, is_main: bool, start: int):
-    if not (is_main and cfg.run.progress):
+    """tqdm's bar on a terminal only: redirected into a log file, its carriage returns are noise."""
+    if not (is_main and cfg.run.progress and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
 

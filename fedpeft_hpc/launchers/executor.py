@@ -56,8 +56,9 @@ def auto_parameters(profile: ClusterProfile, kind: str, name: str,
         params["mem_gb"] = profile.mem_gb
     slurm: dict[str, Any] = {"partition": profile.partition, "account": profile.account, "qos": profile.qos,
                              "constraint": profile.constraint, "signal_delay_s": profile.signal_delay_s}
-    if profile.sbatch:
-        slurm["additional_parameters"] = dict(profile.sbatch)
+    extra = sbatch_options(profile.sbatch)
+    if extra:
+        slurm["additional_parameters"] = extra
     if profile.setup:
         slurm["setup"] = list(profile.setup)
     if profile.srun_args:
@@ -68,13 +69,20 @@ def auto_parameters(profile: ClusterProfile, kind: str, name: str,
     return params
 
 
+def sbatch_options(sbatch: dict) -> dict:
+    """Extra sbatch options as SLURM expects them: ``true`` a flag without value (``--exclusive``), ``false``
+    and ``null`` left out (sbatch has no ``--exclusive=False``), anything else ``--name=value``."""
+    return {k: v for k, v in (sbatch or {}).items() if v is not False and v is not None}
+
+
 def make_executor(kind: str, folder: Path, profile: ClusterProfile, name: str,
                   array_parallelism: int | None = None):
     """A ``submitit.AutoExecutor`` for ``kind`` (slurm, local or debug) writing its files in ``folder``."""
     import submitit
 
+    python = {"slurm_python": profile.python} if profile.python and kind == "slurm" else {}
     ex = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=profile.max_requeues,
-                               local_max_num_timeout=profile.max_requeues)
+                               local_max_num_timeout=profile.max_requeues, **python)
     try:
         ex.update_parameters(**auto_parameters(profile, kind, name, array_parallelism))
     except (ValueError, NameError) as e:  # submitit checks the sbatch parameters (e.g. profile.sbatch)
@@ -95,9 +103,9 @@ def submission(what: str, then: str = "") -> Iterator[None]:
         raise UserError(f"{what} was not submitted: {msg}{then}") from None
 
 
-def submitit_command(folder: Path) -> str:
-    """What every task runs: submitit's loader of the pickled job in ``folder``."""
-    return " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+def submitit_command(folder: Path, python: str | None = None) -> str:
+    """What every task runs: submitit's loader of the pickled job in ``folder`` (with ``python``, the profile's)."""
+    return " ".join([python or shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
 
 
 def slurm_native_parameters(params: dict[str, Any]) -> dict[str, Any]:
@@ -112,7 +120,8 @@ def slurm_native_parameters(params: dict[str, Any]) -> dict[str, Any]:
     return native
 
 
-def sbatch_preview(folder: Path, params: dict[str, Any], array_size: int | None = None) -> str:
+def sbatch_preview(folder: Path, params: dict[str, Any], array_size: int | None = None,
+                   python: str | None = None) -> str:
     """The batch script submitit would write for these parameters (array of ``array_size`` if given)."""
     from submitit.slurm import slurm as submitit_slurm
 
@@ -120,7 +129,7 @@ def sbatch_preview(folder: Path, params: dict[str, Any], array_size: int | None 
     if array_size is not None and array_size > 1:
         native["map_count"] = array_size
     try:
-        return submitit_slurm._make_sbatch_string(command=submitit_command(folder), folder=folder, **native)
+        return submitit_slurm._make_sbatch_string(command=submitit_command(folder, python), folder=folder, **native)
     except TypeError as e:
         raise UserError(f"submitit refused the job parameters: {e}") from None
 

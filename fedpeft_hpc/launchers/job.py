@@ -15,7 +15,6 @@ so it ends with the state of an uninterrupted run. Work since the last checkpoin
 from __future__ import annotations
 
 import copy
-import os
 
 from submitit.helpers import Checkpointable, DelayedSubmission
 
@@ -32,6 +31,7 @@ class TrainJob(Checkpointable):
         return self.config["run"]["dir"]
 
     def __call__(self) -> dict | None:
+        from fedpeft_hpc.comm.runtime import slurm_cpus_per_task
         from fedpeft_hpc.comm.world import detect_world
         from fedpeft_hpc.config.load import from_dict
         from fedpeft_hpc.train import train
@@ -42,9 +42,8 @@ class TrainJob(Checkpointable):
         setup_logging(cfg.run.log_level, world.rank, world.world_size)
         if self.requeues:
             cfg.run.resume = "auto"  # a requeued job continues its own run, whatever the first start allowed
-        cpus = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
-        if cfg.run.threads == 0 and cpus.isdigit() and int(cpus) > 0:
-            cfg.run.threads = int(cpus)  # the cores SLURM gave this task, not every core of the node
+        if cfg.run.threads == 0:  # the cores SLURM gave this task (recorded in the run's config.yaml)
+            cfg.run.threads = slurm_cpus_per_task() or 0
         return train(cfg)
 
     def checkpoint(self, *args, **kwargs) -> DelayedSubmission:

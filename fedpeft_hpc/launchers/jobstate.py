@@ -1,35 +1,41 @@
-"""What the scheduler says about a submitted job, robust to a SLURM without accounting.
+"""What the scheduler says about submitted jobs: ONE query for all of them, robust to a SLURM
+without accounting.
 
-submitit asks ``sacct``; on a cluster without accounting (no slurmdbd) that fails and submitit
-reports ``UNKNOWN``. Here the state comes from ``scontrol show job`` (slurmctld's own memory,
-which keeps a finished job for MinJobAge, 300 s by default), then ``sacct``, else ``None``.
-``None`` means "not active": only ``scontrol``'s own answer that it does not know the job
-("Invalid job id specified") leads there, since slurmctld knows every pending and running job;
-``sacct`` is asked only after that, to name how the job ended, and its failure (no accounting)
-changes nothing. Any other failure of ``scontrol`` (a controller timeout, an unreachable
-slurmctld) raises ``SlurmUnreachable``: a running job must never be taken for a dead one (its
-metrics set aside, the run submitted again on top of itself). Without ``scontrol`` on the PATH
-(a laptop reading a copied sweep) there is nobody to ask and the state is ``None``. A job
+A login node is shared: a tool that asks the controller about every job every few seconds gets
+its user banned. ``JobStates`` asks ``squeue`` once for every job of a sweep, a run or a folder
+of runs (``squeue -h -r -t all -j ID,ID,...``: slurmctld's own memory, which lists pending and
+running jobs and keeps an ended one for MinJobAge, 300 s by default), and ``sacct`` once for the
+jobs ``squeue`` no longer lists, only where the caller needs to name how they ended and only
+while accounting exists (a cluster without slurmdbd answers "accounting storage is disabled"
+once; it is not asked again by this process). ``wait_for`` polls the same way, at most once per
+``poll_s`` (30 s, growing by half each poll up to 5 min), and between polls reads only the run
+directories (a fresh ``summary.json`` ends the wait for that run without asking anyone).
+
+A job ``squeue`` does not list is not active: slurmctld knows every pending and running job. Any
+other failure of ``squeue`` (a controller timeout, an unreachable slurmctld) raises
+``SlurmUnreachable``: a running job must never be taken for a dead one (its metrics set aside,
+the run submitted again on top of itself). Without ``squeue`` on the PATH (a laptop reading a
+copied sweep) there is nobody to ask and the state is ``None``. PREEMPTED and NODE_FAIL jobs may
+be requeued by SLURM right after: they count as active for ``GRACE_S`` after they ended. A job
 that is not active any more is judged by its run directory (``summary.json``), never by its
 state alone: a requeued job passes through several states, and an old one has none left.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
-from fedpeft_hpc.errors import UserError
+from fedpeft_hpc.utils.scheduler import (GRACE_S, MAY_RETURN, QUEUED, TERMINAL, JobInfo, SlurmUnreachable,
+                                         is_active, local_alive, sacct_states, squeue_snapshot)
 
-# SLURM states after which a job does nothing more (a requeued job goes to PENDING instead).
-TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL",
-                      "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED"})
-QUEUED = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD"})
+__all__ = ["GRACE_S", "MAY_RETURN", "QUEUED", "TERMINAL", "JobInfo", "JobRef", "JobStates", "SlurmUnreachable",
+           "is_active", "job_state", "local_alive", "outcome", "slurm_state", "wait_for"]
+
+POLL_S = 30.0  # the first interval between two scheduler queries of `--wait`
+MAX_POLL_S = 300.0  # the longest interval (each poll waits half as long again as the one before)
 
 
 @dataclass(frozen=True)
@@ -57,76 +63,55 @@ class JobRef:
         return paths.stdout, paths.stderr
 
 
-class SlurmUnreachable(UserError):
-    """``scontrol`` failed for another reason than not knowing the job: the job's state is unknown."""
+class JobStates:
+    """What the scheduler says about a set of jobs, asked once (``refresh`` asks again): one ``squeue``
+    for every SLURM job, ``sacct`` (with ``accounting=True``) once for those it no longer lists.
+    Local jobs are ``RUNNING`` while their process lives; debug jobs ran inside their command."""
 
+    def __init__(self, refs: Iterable[JobRef | None] = (), accounting: bool = False):
+        self.refs = {r.job_id: r for r in refs if r is not None}
+        self.accounting = accounting
+        self._info: dict[str, JobInfo] | None = None
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess | None:
-    """The finished command; ``None`` when it is not installed. A timeout raises ``SlurmUnreachable``."""
-    if shutil.which(cmd[0]) is None:
-        return None
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        raise SlurmUnreachable(f"cannot reach SLURM ({' '.join(cmd)}: no answer within 60 s); nothing was "
-                               "changed, try again when the controller answers") from None
-    except OSError as e:
-        raise SlurmUnreachable(f"cannot reach SLURM ({' '.join(cmd)}: {e})") from None
+    def add(self, refs: Iterable[JobRef | None]) -> None:
+        new = {r.job_id: r for r in refs if r is not None and r.job_id not in self.refs}
+        self.refs.update(new)
+        if new and self._info is not None:
+            self._info = None  # asked again, with the new ones, on the next look-up
 
+    def refresh(self) -> None:
+        slurm = [j for j, r in self.refs.items() if r.executor == "slurm"]
+        listed = squeue_snapshot(slurm)
+        info = dict(listed or {})
+        gone = [j for j in slurm if j not in info]
+        if listed is not None and gone and self.accounting:
+            info.update({j: JobInfo(s) for j, s in sacct_states(gone).items()})
+        for j, r in self.refs.items():
+            if r.executor == "local":
+                info[j] = JobInfo("RUNNING" if local_alive(j) else None)
+        self._info = info
 
-def _unknown_job(res: subprocess.CompletedProcess) -> bool:
-    return "invalid job id" in (res.stderr + res.stdout).lower()
+    def info(self, ref: JobRef | None) -> JobInfo:
+        if ref is None or ref.executor == "debug":
+            return JobInfo(None)
+        if ref.job_id not in self.refs:
+            self.add([ref])
+        if self._info is None:
+            self.refresh()
+        return self._info.get(ref.job_id, JobInfo(None))
+
+    def state(self, ref: JobRef | None) -> str | None:
+        return self.info(ref).state
 
 
 def slurm_state(job_id: str) -> str | None:
-    """``PENDING``, ``RUNNING``, ``COMPLETED``, ... of a job or array element (``123_4``); ``None`` when
-    neither slurmctld nor the accounting knows it (or there is no ``scontrol`` to ask). Raises
-    ``SlurmUnreachable`` when ``scontrol`` fails otherwise (see the module's docstring)."""
-    res = _run(["scontrol", "-o", "show", "job", job_id])
-    if res is None:
-        return None
-    if res.returncode == 0:
-        for field in res.stdout.split():
-            if field.startswith("JobState="):
-                return field.split("=", 1)[1]
-    if res.returncode != 0 and not _unknown_job(res):
-        msg = " ".join((res.stderr or res.stdout).split()) or f"exit status {res.returncode}"
-        raise SlurmUnreachable(f"cannot reach SLURM (scontrol -o show job {job_id}: {msg}); nothing was "
-                               "changed, try again when the controller answers")
-    # slurmctld does not know the job (any more): it is not active; accounting may say how it ended
-    res = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
-    if res is not None and res.returncode == 0 and res.stdout.strip():
-        words = res.stdout.strip().splitlines()[0].split()
-        return words[0] if words else None
-    return None  # no rows, or no accounting (sacct fails): unknown, and certainly not active
-
-
-def local_alive(pid: str) -> bool:
-    """A submitit local job (its controller process) is still running."""
-    if not pid.isdigit():
-        return False
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        try:
-            os.kill(int(pid), 0)
-        except OSError:
-            return False
-        return True  # no /proc (macOS): the process exists, trust it
-    return b"submitit.local._local" in cmdline
+    """One job's state (``squeue``, then ``sacct``); ``None`` when neither knows it."""
+    return JobStates([JobRef("slurm", job_id, "")], accounting=True).state(JobRef("slurm", job_id, ""))
 
 
 def job_state(ref: JobRef) -> str | None:
-    """The scheduler's state; local jobs are ``RUNNING`` while their process lives, else ``None``."""
-    if ref.executor == "slurm":
-        return slurm_state(ref.job_id)
-    if ref.executor == "local":
-        return "RUNNING" if local_alive(ref.job_id) else None
-    return None  # debug jobs ran inside the command that submitted them
-
-
-def is_active(state: str | None) -> bool:
-    return state is not None and state not in TERMINAL
+    """The scheduler's state of one job (asks for it alone: prefer one ``JobStates`` for many jobs)."""
+    return JobStates([ref], accounting=True).state(ref)
 
 
 def outcome(ref: JobRef) -> str | None:
@@ -143,34 +128,54 @@ def outcome(ref: JobRef) -> str | None:
         return None
 
 
-def wait_for(refs: Mapping[str, JobRef], poll_s: float = 2.0,
+def wait_for(refs: Mapping[str, JobRef], poll_s: float = POLL_S,
              on_change: Callable[[str, str | None], None] | None = None,
-             max_misses: int = 30) -> dict[str, str | None]:
-    """Poll until no job in ``refs`` is active; returns the last state seen of each (``None``: unknown).
-    ``on_change(key, state)`` is called whenever a job's state changes. A poll on which SLURM does not
-    answer is skipped; more than ``max_misses`` of them in a row raise ``SlurmUnreachable``."""
+             max_misses: int = 30, done: Callable[[str], bool] | None = None,
+             tick_s: float = 2.0, max_poll_s: float = MAX_POLL_S) -> dict[str, str | None]:
+    """Wait until no job in ``refs`` is active; returns the last state seen of each (``None``: unknown,
+    ``"done"``: ``done(key)`` said its run finished). Every ``tick_s`` only ``done(key)`` is read (the
+    run directory: free); the scheduler is asked once per poll for all jobs together, first after
+    ``poll_s``, then at intervals growing by half up to ``max_poll_s``. ``on_change(key, state)`` is
+    called whenever a job's state changes. A poll on which SLURM does not answer is skipped; more
+    than ``max_misses`` of them in a row raise ``SlurmUnreachable``."""
     last: dict[str, str | None] = {}
     pending = dict(refs)
-    first = True
+    interval = poll_s
+    next_poll = time.monotonic() + interval
     misses = 0  # consecutive polls on which SLURM did not answer
+
+    def seen(key: str, state: str | None) -> None:
+        if key not in last or state != last[key]:
+            last[key] = state
+            if on_change is not None:
+                on_change(key, state)
+
     while pending:
-        try:
-            states = {key: job_state(ref) for key, ref in pending.items()}
-        except SlurmUnreachable:
-            misses += 1
-            if misses > max_misses:
-                raise
-            time.sleep(poll_s)
-            continue
-        misses = 0
-        for key, state in states.items():
-            if first or state != last.get(key):
-                last[key] = state
-                if on_change is not None:
-                    on_change(key, state)
+        for key in [k for k in pending if done is not None and done(k)]:
+            seen(key, "done")
+            del pending[key]
+        for key in [k for k, r in pending.items() if r.executor != "slurm"]:  # no scheduler to ask: free
+            state = JobStates([pending[key]]).state(pending[key])
+            seen(key, state)
             if not is_active(state):
                 del pending[key]
-        first = False
+        if pending and time.monotonic() >= next_poll:
+            try:
+                states = JobStates(pending.values())
+                states.refresh()  # the one squeue of this poll
+                misses = 0
+            except SlurmUnreachable:
+                misses += 1
+                if misses > max_misses:
+                    raise
+            else:
+                for key, ref in list(pending.items()):
+                    info = states.info(ref)
+                    seen(key, info.state)
+                    if not info.active:
+                        del pending[key]
+            interval = min(interval * 1.5, max(max_poll_s, poll_s))
+            next_poll = time.monotonic() + interval
         if pending:
-            time.sleep(poll_s)
+            time.sleep(max(0.0, min(tick_s, next_poll - time.monotonic())))
     return last

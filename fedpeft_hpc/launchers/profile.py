@@ -43,6 +43,9 @@ class ClusterProfile:
     srun_args: list = opt(None, "extra arguments of the srun that starts the tasks", factory=list)
     setup: list = opt(None, "shell lines run in the batch script before srun (module load ..., source "
                             "VENV/bin/activate)", factory=list)
+    python: Optional[str] = opt(None, "the command that runs Python in every task on the compute nodes (submitit's "
+                                      "slurm_python), e.g. /opt/env/bin/python or 'apptainer exec img.sif python'; "
+                                      "default: the Python running submit/sweep")
 
     def limit_min(self, executor: str) -> int:
         """The time limit for ``executor``: the profile's, else 60 min on SLURM and 7 days locally (a local
@@ -52,11 +55,32 @@ class ClusterProfile:
         return DEFAULT_TIME_MIN if executor == "slurm" else LOCAL_TIME_MIN
 
     @property
+    def gres_gpus(self) -> int | None:
+        """GPUs per node that ``sbatch: {gres: gpu[:type]:N}`` (or ``gpus-per-node``) requests; None: none."""
+        return gres_gpus(self.sbatch)
+
+    @property
     def tasks(self) -> int:
-        """Tasks (ranks) per node: one per GPU unless given."""
+        """Tasks (ranks) per node: one per GPU (``gpus_per_node``, else the GPUs of ``sbatch.gres``) unless given."""
         if self.tasks_per_node is not None:
             return self.tasks_per_node
-        return self.gpus_per_node if self.gpus_per_node > 0 else 1
+        if self.gpus_per_node > 0:
+            return self.gpus_per_node
+        return self.gres_gpus or 1
+
+
+def gres_gpus(sbatch: Mapping[str, Any]) -> int | None:
+    """The GPU count of ``gres`` (``gpu``, ``gpu:4``, ``gpu:a100:4``, several comma-separated resources) or of
+    ``gpus-per-node`` / ``gpus_per_node`` among extra sbatch options; ``None`` where they request none."""
+    for key in ("gpus-per-node", "gpus_per_node"):
+        if key in sbatch:
+            text = str(sbatch[key]).rsplit(":", 1)[-1]
+            return int(text) if text.isdigit() else None
+    for res in str(sbatch.get("gres") or "").split(","):
+        parts = res.strip().split(":")
+        if parts[0] == "gpu":
+            return int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return None
 
 
 DEFAULT_TIME_MIN = 60
@@ -104,6 +128,14 @@ def with_flags(profile: ClusterProfile, flags: Mapping[str, Any]) -> ClusterProf
 
 
 def _check(p: ClusterProfile, where: str) -> None:
+    gres = p.gres_gpus
+    if gres is not None and p.gpus_per_node > 0 and gres != p.gpus_per_node:
+        raise ConfigError(f"{where}gpus_per_node", f"{p.gpus_per_node} GPUs per node, but sbatch {dict(p.sbatch)} "
+                                                   f"requests {gres}: give the GPUs once (gpus_per_node, or gres)")
+    if gres is not None and p.tasks_per_node is not None and p.tasks_per_node != gres:
+        raise ConfigError(f"{where}tasks_per_node", f"{p.tasks_per_node} tasks with {gres} GPUs per node (sbatch "
+                                                    f"{dict(p.sbatch)}): every rank uses one GPU, so tasks_per_node "
+                                                    "must equal the GPUs (or be left out)")
     if p.gpus_per_node > 0 and p.tasks_per_node is not None and p.tasks_per_node != p.gpus_per_node:
         raise ConfigError(f"{where}tasks_per_node",
                           f"{p.tasks_per_node} tasks with {p.gpus_per_node} GPUs per node: every rank uses one "

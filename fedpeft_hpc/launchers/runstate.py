@@ -12,10 +12,11 @@ report says about a run that has no result yet.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedpeft_hpc.launchers.jobstate import QUEUED, JobRef, is_active, job_state, outcome
+from fedpeft_hpc.launchers.jobstate import QUEUED, JobRef, JobStates, outcome
 from fedpeft_hpc.utils.files import read_jsonl
 
 STATES = ("finished", "queued", "running", "interrupted", "failed", "new")
@@ -29,6 +30,7 @@ class RunStatus:
     checkpoint: bool  # checkpoints/latest.safetensors exists
     summary: dict | None
     job_state: str | None = None
+    elapsed: str | None = None  # the job's time used so far (squeue), while it is queued or running
 
     @property
     def detail(self) -> str:
@@ -41,6 +43,16 @@ class RunStatus:
         return ", ".join(parts)
 
 
+def summary_signature(run_dir: Path) -> tuple[int, int, int] | None:
+    """What tells one ``summary.json`` from the next (written by an atomic rename: a new inode); the
+    login node's clock is never compared with the file server's."""
+    try:
+        st = os.stat(Path(run_dir) / "summary.json")
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def read_summary(run_dir: Path) -> dict | None:
     p = run_dir / "summary.json"
     if not p.is_file():
@@ -51,20 +63,23 @@ def read_summary(run_dir: Path) -> dict | None:
         return None  # being replaced right now, or damaged: not a result
 
 
-def run_status(run_dir: Path, job: JobRef | None = None, rows: list[dict] | None = None) -> RunStatus:
-    """The run's state; ``rows``: its ``metrics.jsonl`` rows when the caller has read them already."""
+def run_status(run_dir: Path, job: JobRef | None = None, rows: list[dict] | None = None,
+               jobs: JobStates | None = None) -> RunStatus:
+    """The run's state; ``rows``: its ``metrics.jsonl`` rows when the caller has read them already;
+    ``jobs``: the scheduler's answer for many runs at once (one query; else this run's job is asked alone)."""
     rows = read_jsonl(run_dir / "metrics.jsonl") if rows is None else rows
     done = int(rows[-1].get("round", 0)) if rows else 0
     ckpt = (run_dir / "checkpoints" / "latest.safetensors").is_file()
     summary = read_summary(run_dir)
     if summary is not None and (job is None or outcome(job) == "success"):
         return RunStatus("finished", done, ckpt, summary)  # its last job ended well: no scheduler query
-    state_of_job = job_state(job) if job is not None else None
-    if summary is not None and not is_active(state_of_job):
+    info = (jobs if jobs is not None else JobStates([job], accounting=True)).info(job)
+    state_of_job, active = info.state, info.active
+    if summary is not None and not active:
         return RunStatus("finished", done, ckpt, summary, state_of_job)
-    if is_active(state_of_job):
+    if active:
         state = "queued" if state_of_job in QUEUED else "running"
-        return RunStatus(state, done, ckpt, None, state_of_job)
+        return RunStatus(state, done, ckpt, None, state_of_job, info.elapsed)
     failed = job is not None and outcome(job) == "error"
     if ckpt:
         return RunStatus("failed" if failed else "interrupted", done, ckpt, None, state_of_job)

@@ -2,18 +2,20 @@
 
 The config is resolved and checked fully (``Preflight``: model, weights, data, partition,
 privacy, the run directory) before anything is submitted; bad input exits 2 and submits
-nothing. The job's batch script, pickles and logs go to ``run.dir/slurm/``. With ``--wait`` the
+nothing, and so does a run directory leased by a live job (``runs/lease``: the submitted job
+holds the lease from here on, so a second submission is refused while the first is queued or
+running). The job's batch script, pickles and logs go to ``run.dir/slurm/``. With ``--wait`` the
 command follows the job through requeues and ends with 0 when the run wrote its summary, 1
-otherwise; the state SLURM reports is shown but not trusted alone (see ``jobstate``). "Wrote its
-summary" means ``summary.json`` is not the file that was there before the submission (another
-inode, size or modification time), or the job's own result says success; the login node's clock
-is not compared with the file server's.
+otherwise; the state SLURM reports is shown but not trusted alone (see ``jobstate``: one
+``squeue`` every 30 s or more, the run directory in between). "Wrote its summary" means
+``summary.json`` is not the file that was there before the submission (another inode, size or
+modification time), or the job's own result says success; the login node's clock is not
+compared with the file server's.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -30,7 +32,10 @@ def submit(cfg: Config, profile: ClusterProfile, executor: str = "auto", wait: b
     from fedpeft_hpc.launchers.jobstate import JobRef, outcome, wait_for
     from fedpeft_hpc.launchers.job import TrainJob
     from fedpeft_hpc.preflight import Preflight
-    from fedpeft_hpc.launchers.runstate import read_summary
+    from fedpeft_hpc.launchers.runstate import read_summary, summary_signature
+    from fedpeft_hpc.launchers.timebudget import budget_warning
+    from fedpeft_hpc.runs.lease import lease_for_submission
+    from fedpeft_hpc.runs.rundir import RunDir
 
     run_dir = Path(cfg.run.dir).expanduser().resolve()
     cfg.run.dir = str(run_dir)  # the job may start in another directory (profile setup lines)
@@ -42,18 +47,21 @@ def submit(cfg: Config, profile: ClusterProfile, executor: str = "auto", wait: b
     what = (f"{cfg.peft.method} on {cfg.data.name}: {checked.trainable_params:,} trainable parameters, "
             f"{profile.nodes} node(s) x {profile.tasks} task(s)")
     echo(f"run {run_dir}: {what}" + (" (continues the run in it)" if checked.resumes else ""))
+    warning = budget_warning(profile, kind, cfg, run_dir)
+    if warning:
+        echo(warning, file=sys.stderr)
     if checked.weights_built_by_job:
         echo(f"model.checkpoint {cfg.model.checkpoint} does not exist yet: the job builds it "
              f"(model.pretrain_recipe={cfg.model.pretrain_recipe})")
     if dry_run:
-        echo(sbatch_preview(folder, params) if kind == "slurm" else local_preview(params))
+        echo(sbatch_preview(folder, params, python=profile.python) if kind == "slurm" else local_preview(params))
         echo(f"every task runs TrainJob(run.dir={run_dir}): one rank of `fedpeft-hpc train` with the resolved "
              "config")
         echo("dry run: nothing was submitted")
         return 0
 
     ex = make_executor(kind, folder, profile, name)
-    before = _signature(run_dir / "summary.json")
+    before = summary_signature(run_dir)
     with submission(f"job {name}"):
         job = ex.submit(TrainJob(to_dict(cfg)))
     if kind == "debug":
@@ -61,15 +69,19 @@ def submit(cfg: Config, profile: ClusterProfile, executor: str = "auto", wait: b
         echo(json.dumps(summary))
         return 0
     ref = JobRef(kind, str(job.job_id), str(folder))
+    lease_for_submission(run_dir, kind, ref.job_id, folder)  # a second submission is refused while this job lives
+    RunDir(run_dir).write_planned_config(cfg)
     out, err = ref.log_paths()
     echo(f"submitted {kind} job {ref.job_id}")
     echo(f"logs: {out}\n      {err}")
     echo(f"run dir: {run_dir}")
     if not wait:
         return 0
-    final = wait_for({"job": ref}, on_change=lambda _, state: echo(f"job {ref.job_id}: {state or 'ended'}"))
+    shown = {"done": "run finished (summary.json written)", None: "ended"}
+    final = wait_for({"job": ref}, on_change=lambda _, state: echo(f"job {ref.job_id}: {shown.get(state, state)}"),
+                     done=lambda _: summary_signature(run_dir) != before)
     summary = read_summary(run_dir)
-    fresh = summary is not None and (_signature(run_dir / "summary.json") != before or outcome(ref) == "success")
+    fresh = summary is not None and (summary_signature(run_dir) != before or outcome(ref) == "success")
     if fresh:
         echo(json.dumps(summary))
         return 0
@@ -77,11 +89,3 @@ def submit(cfg: Config, profile: ClusterProfile, executor: str = "auto", wait: b
          f"see {err}", file=sys.stderr)
     return 1
 
-
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    """What tells one ``summary.json`` from the next (written by an atomic rename: a new inode)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns

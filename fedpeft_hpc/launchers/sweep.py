@@ -14,8 +14,8 @@
 A failed run that left metrics but no checkpoint has its ``metrics.jsonl`` and ``config.yaml``
 moved to ``failed-N/`` inside its directory before it runs again (nothing is deleted).
 
-One sweep command works on a directory at a time: the lock (``DIR/.sweep.lock``) is taken before
-planning, so a second command never plans from states the first is changing; it exits 2. A run's
+One sweep command works on a directory at a time: the lock (``DIR/.sweep.lock``, ``sweep_lock``) is
+taken before planning, so a second command never plans from states the first is changing; it exits 2. A run's
 ``state`` in the manifest is one of ``runstate.STATES`` (just submitted to SLURM: ``queued``).
 Runs the manifest lists from an earlier version of the sweep file whose directory exists stay in
 it with ``"in_sweep": false``: never run again, but reported (they are finished runs in DIR).
@@ -24,83 +24,55 @@ it with ``"in_sweep": false``: never run again, but reported (they are finished 
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import json
 import logging
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.errors import ConfigError, UserError
-from fedpeft_hpc.launchers.jobstate import JobRef, SlurmUnreachable
+from fedpeft_hpc.launchers.jobstate import JobRef, JobStates, SlurmUnreachable
 from fedpeft_hpc.launchers.manifest import FORMAT, MANIFEST, read_manifest
-from fedpeft_hpc.preflight import Preflight
+from fedpeft_hpc.launchers.sweep_lock import locked as _locked
 from fedpeft_hpc.launchers.profile import ClusterProfile
-from fedpeft_hpc.launchers.runstate import TO_RUN, RunStatus, run_status
-from fedpeft_hpc.launchers.sweep_spec import SweepRun, SweepSpec, override_items, short_names
+from fedpeft_hpc.launchers.runstate import STATES, run_status, summary_signature
+from fedpeft_hpc.launchers.sweep_plan import PlannedRun, plan, run_overrides
+from fedpeft_hpc.launchers.sweep_spec import SweepSpec, short_names
+from fedpeft_hpc.preflight import Preflight
+
+__all__ = ["PlannedRun", "plan", "run_overrides", "run_sweep", "write_manifest"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PlannedRun:
-    run: SweepRun
-    cfg: Config
-    dir: Path
-    status: RunStatus
-    job: JobRef | None  # the job that last ran it (from the manifest)
-
-    @property
-    def to_run(self) -> bool:
-        return self.status.state in TO_RUN
-
-
-def run_overrides(spec: SweepSpec, run: SweepRun) -> dict:
-    """Everything a run sets on top of the base config except run.dir: overrides, swept values, seed."""
-    return {**spec.overrides, **run.setting, "seed": run.seed}
+def manifest_entry(p: PlannedRun, job: JobRef | None, state: str) -> dict:
+    """One run in ``sweep.json``: its directory, swept values, identity, state, job, log."""
+    entry = {"dir": p.run.name, "setting": p.run.setting, "setting_name": p.run.setting_name,
+             "seed": p.run.seed, "overrides": {**p.run.values, "seed": p.run.seed},
+             "state": state, "rounds": p.cfg.fed.rounds, "job": job.as_dict() if job else None,
+             "attempts": p.attempts, "in_sweep": True}
+    if p.identity is not None:
+        entry["identity"], entry["setting_id"] = p.identity.run_id, p.identity.setting_id
+    if job is not None and job.executor != "debug":
+        entry["log"] = str(job.log_paths()[1])
+    return entry
 
 
-def plan(spec: SweepSpec, out: Path, pre: Preflight) -> list[PlannedRun]:
-    """Every run with its resolved config and state; raises one ``UserError`` listing each bad run."""
-    from fedpeft_hpc.config.load import load_config
-    from fedpeft_hpc.runs.rundir import RunDir
-
-    manifest_runs = read_manifest(out).get("runs", {})
-    try:
-        base_cfg = load_config(spec.base, override_items(spec.overrides))
-    except UserError as e:
-        raise UserError(f"sweep {spec.path}: base {spec.base} with the overrides: {e}") from None
-    planned, errors = [], []
-    for run in spec.runs(base_cfg.seed):
-        run_dir = out / run.name
+def _earlier_runs(out: Path, listed: dict) -> dict:
+    """Runs of an earlier version of the sweep file: they stay listed (and reported), never run again."""
+    old = {name: entry for name, entry in read_manifest(out).get("runs", {}).items()
+           if name not in listed and (out / str(entry.get("dir", name))).is_dir()}
+    states = JobStates((JobRef.from_dict(e.get("job")) for e in old.values()), accounting=True)
+    runs = {}
+    for name, entry in old.items():
         try:
-            cfg = load_config(spec.base, override_items({**run_overrides(spec, run), "run.dir": str(run_dir)}))
-            job = JobRef.from_dict((manifest_runs.get(run.name) or {}).get("job"))
-            status = run_status(run_dir, job)
-            if status.state in ("finished", "queued", "running"):
-                diff = RunDir(run_dir, is_main=False).config_differences(cfg)
-                if diff:
-                    what = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diff[:4])
-                    raise ConfigError(diff[0][0], f"{run_dir} holds a {status.state} run with another config "
-                                                  f"({what}); use another --out for the changed sweep")
-            # a failed run without a checkpoint starts afresh (its files are set aside first)
-            check_dir = status.state in TO_RUN and not (status.state == "failed" and not status.checkpoint)
-            pre.check(cfg, run_dir=check_dir)
+            state = run_status(out / str(entry.get("dir", name)), JobRef.from_dict(entry.get("job")),
+                               jobs=states).state
         except SlurmUnreachable:
-            raise  # not this run's fault: no run's state can be known
-        except UserError as e:
-            errors.append(f"run {run.name}: {e}")
-            continue
-        planned.append(PlannedRun(run, cfg, run_dir, status, job))
-    if errors:
-        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
-        raise UserError(f"sweep {spec.path}: {len(errors)} of {len(errors) + len(planned)} runs are invalid, "
-                        "nothing was submitted:\n  " + "\n  ".join(errors[:10]) + more)
-    return planned
+            state = entry.get("state")  # as last seen
+        runs[name] = {**entry, "state": state, "in_sweep": False}
+    return runs
 
 
 def write_manifest(out: Path, spec: SweepSpec, planned: list[PlannedRun], executor: str,
@@ -108,25 +80,9 @@ def write_manifest(out: Path, spec: SweepSpec, planned: list[PlannedRun], execut
     from fedpeft_hpc.utils.files import atomic_write_text
 
     short = short_names(spec.swept_keys)
-    runs = {}
-    for p in planned:
-        job = jobs.get(p.run.name, p.job)
-        entry = {"dir": p.run.name, "setting": p.run.setting, "setting_name": p.run.setting_name,
-                 "seed": p.run.seed, "overrides": {**p.run.setting, "seed": p.run.seed},
-                 "state": states.get(p.run.name, p.status.state), "rounds": p.cfg.fed.rounds,
-                 "job": job.as_dict() if job else None, "in_sweep": True}
-        if job is not None and job.executor != "debug":
-            entry["log"] = str(job.log_paths()[1])
-        runs[p.run.name] = entry
-    # runs of an earlier version of the sweep file stay listed (and reported), never run again
-    for name, entry in read_manifest(out).get("runs", {}).items():
-        run_dir = out / str(entry.get("dir", name))
-        if name not in runs and run_dir.is_dir():
-            try:
-                state = run_status(run_dir, JobRef.from_dict(entry.get("job"))).state
-            except SlurmUnreachable:
-                state = entry.get("state")  # as last seen
-            runs[name] = {**entry, "state": state, "in_sweep": False}
+    runs = {p.run.name: manifest_entry(p, jobs.get(p.run.name, p.job), states.get(p.run.name, p.status.state))
+            for p in planned}
+    runs.update(_earlier_runs(out, runs))
     manifest = {
         "format": FORMAT, "name": spec.name, "sweep_file": str(spec.path.absolute()),
         "base": str(spec.base.absolute()), "swept": spec.swept_keys, "short_names": short,
@@ -142,35 +98,6 @@ def shown(path: Path) -> str:
         return str(Path(path).relative_to(Path.cwd()))
     except ValueError:
         return str(path)
-
-
-@contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """One sweep command per directory at a time (a second would start the same runs again). A
-    directory this call created is removed again if the body fails before writing anything else."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory; give the sweep directory")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        f = open(out / ".sweep.lock", "w")
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot create the sweep directory ({e.strerror or e})") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another `fedpeft-hpc sweep` is working on {out} right now; nothing was "
-                            "planned or submitted, run it again when that one is done") from None
-        ok = False
-        try:
-            yield
-            ok = True
-        finally:
-            if not ok and created and [p.name for p in out.iterdir()] == [".sweep.lock"]:
-                (out / ".sweep.lock").unlink()
-                out.rmdir()
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _set_aside(run_dir: Path) -> None:
@@ -198,38 +125,66 @@ def _table(planned: list[PlannedRun]) -> str:
 
 
 def run_sweep(spec: SweepSpec, out: Path, executor: str, profile: ClusterProfile, max_parallel: int | None,
-              dry_run: bool = False, wait: bool = False, echo=print) -> int:
-    """The ``sweep`` command. Returns the exit status."""
+              dry_run: bool = False, wait: bool = False, echo=print, only: str | None = None,
+              max_attempts: int | None = None) -> int:
+    """The ``sweep`` command. Returns the exit status. ``only``: start only the runs in this state or whose
+    name matches this glob; ``max_attempts``: never submit a run more often than this."""
 
     out = out.resolve()
+    select = Selection(only, max_attempts)
     if dry_run:  # writes nothing, so it needs no lock
-        return _plan_and_run(spec, out, executor, profile, max_parallel, True, wait, echo)
+        return _plan_and_run(spec, out, executor, profile, max_parallel, True, wait, echo, select)
     with _locked(out):  # before planning: a second sweep must not plan from what the first is changing
-        return _plan_and_run(spec, out, executor, profile, max_parallel, False, wait, echo)
+        return _plan_and_run(spec, out, executor, profile, max_parallel, False, wait, echo, select)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which of the runs that are new, interrupted or failed this command starts (``--only``, ``--max-attempts``)."""
+
+    only: str | None = None
+    max_attempts: int | None = None
+
+    def pick(self, planned: list[PlannedRun], echo) -> list[PlannedRun]:
+        from fnmatch import fnmatchcase
+
+        if self.only is not None and self.only not in STATES and not any(
+                fnmatchcase(p.run.name, self.only) for p in planned):
+            raise ConfigError("--only", f"{self.only!r} is neither a state ({', '.join(STATES)}) nor a glob "
+                                        "matching a run name of this sweep")
+        todo = [p for p in planned if p.to_run and (self.only is None or p.status.state == self.only
+                                                    or fnmatchcase(p.run.name, self.only))]
+        spent = [p for p in todo if self.max_attempts is not None and p.attempts >= self.max_attempts]
+        for p in spent:
+            echo(f"not started again: {p.run.name} ({p.status.state}) was submitted {p.attempts} time(s) "
+                 f"(--max-attempts {self.max_attempts})")
+        return [p for p in todo if p not in spent]
 
 
 def _plan_and_run(spec: SweepSpec, out: Path, executor: str, profile: ClusterProfile, max_parallel: int | None,
-                  dry_run: bool, wait: bool, echo) -> int:
+                  dry_run: bool, wait: bool, echo, select: Selection) -> int:
     from fedpeft_hpc.launchers.executor import auto_parameters, local_preview, resolve_kind, sbatch_preview
 
     pre = Preflight()
     planned = plan(spec, out, pre)  # raises before anything is written
-    todo = [p for p in planned if p.to_run]
+    todo = select.pick(planned, echo)
     counts = {s: sum(p.status.state == s for p in planned) for s in dict.fromkeys(p.status.state for p in planned)}
     echo(f"sweep {spec.name}: {len(planned)} runs in {shown(out)} ("
          + ", ".join(f"{n} {s}" for s, n in counts.items()) + f"); {len(todo)} to run")
     kind = resolve_kind(executor, submitting=bool(todo) and not dry_run)
+    _warn_time_budget(todo, planned, profile, kind, echo)
     if dry_run:
         echo(_table(planned))
         if todo and kind == "slurm":
             params = auto_parameters(profile, kind, f"fedpeft-{spec.name}", max_parallel)
-            echo("\nwould submit one job array:\n" + sbatch_preview(out / "slurm", params, array_size=len(todo)))
+            echo("\nwould submit one job array:\n" + sbatch_preview(out / "slurm", params, array_size=len(todo),
+                                                                   python=profile.python))
         elif todo:
             echo("\nwould run with the " + local_preview(auto_parameters(profile, kind, spec.name))
                  + f", at most {max_parallel or 1} at a time")
         return 0
     if not todo:
-        echo("nothing to run: every run is finished, queued or running (`--dry-run` lists them)")
+        echo("nothing to run: every run is finished, queued or running, or not selected (`--dry-run` lists them)")
         write_manifest(out, spec, planned, kind, {}, {})
         return 0
     for p in todo:
@@ -240,6 +195,31 @@ def _plan_and_run(spec: SweepSpec, out: Path, executor: str, profile: ClusterPro
     if kind == "slurm":
         return _run_slurm(spec, out, planned, todo, profile, max_parallel, wait, echo)
     return _run_here(spec, out, planned, todo, kind, profile, max_parallel or 1, echo)
+
+
+def _warn_time_budget(todo: list[PlannedRun], planned: list[PlannedRun], profile: ClusterProfile, kind: str,
+                      echo) -> None:
+    """The first run whose job may stop before it ends, at a measured rate (``timebudget``)."""
+    from fedpeft_hpc.launchers.timebudget import budget_warning
+
+    def like(p: PlannedRun) -> tuple:
+        return p.cfg.peft.method, p.cfg.model.name, p.cfg.data.name
+
+    for p in todo:
+        warning = budget_warning(profile, kind, p.cfg, p.dir, [q.dir for q in planned if like(q) == like(p)])
+        if warning:
+            echo(warning, file=sys.stderr)
+            return
+
+
+def _submitted(p: PlannedRun, ref: JobRef) -> None:
+    """The run belongs to its job now: its lease names it (a second submission is refused), one attempt more."""
+    from fedpeft_hpc.runs.lease import lease_for_submission
+    from fedpeft_hpc.runs.rundir import RunDir
+
+    lease_for_submission(p.dir, ref.executor, ref.job_id, Path(ref.folder))
+    RunDir(p.dir).write_planned_config(p.cfg)
+    p.attempts += 1
 
 
 def _job_config(p: PlannedRun) -> dict:
@@ -256,12 +236,15 @@ def _run_slurm(spec: SweepSpec, out: Path, planned: list[PlannedRun], todo: list
 
     folder = out / "slurm"
     ex = make_executor("slurm", folder, profile, f"fedpeft-{spec.name}", array_parallelism=max_parallel)
+    before = {p.run.name: summary_signature(p.dir) for p in todo}  # a new summary.json ends a run's wait
     # sbatch refusing the array leaves sweep.json as written above: these runs not submitted
     with submission(f"the job array of {len(todo)} run(s)",
                     f"; {shown(out / MANIFEST)} lists them without a job, run the sweep again once that is fixed"):
         with ex.batch():
             submitted = [ex.submit(TrainJob(_job_config(p))) for p in todo]
     jobs = {p.run.name: JobRef("slurm", j.job_id, str(folder)) for p, j in zip(todo, submitted)}
+    for p in todo:
+        _submitted(p, jobs[p.run.name])
     states = {name: "queued" for name in jobs}  # just submitted: a run with its job in the queue
     write_manifest(out, spec, planned, "slurm", jobs, states)
     array_id = submitted[0].job_id.split("_")[0]
@@ -275,9 +258,9 @@ def _run_slurm(spec: SweepSpec, out: Path, planned: list[PlannedRun], todo: list
         return 0
 
     def on_change(name: str, state: str | None) -> None:
-        echo(f"  {jobs[name].job_id:<12} {name}: {state or 'gone'}")
+        echo(f"  {jobs[name].job_id:<12} {name}: {'finished' if state == 'done' else state or 'gone'}")
 
-    jobstate.wait_for(jobs, on_change=on_change)
+    jobstate.wait_for(jobs, on_change=on_change, done=lambda name: summary_signature(out / name) != before[name])
     return _final(spec, out, planned, "slurm", jobs, echo)
 
 
@@ -312,6 +295,10 @@ def _run_here(spec: SweepSpec, out: Path, planned: list[PlannedRun], todo: list[
                 with submission(f"run {p.run.name}"):
                     job = ex.submit(TrainJob(_job_config(p)))
                 jobs[p.run.name] = JobRef(kind, str(job.job_id), str(folder))
+                if kind == "local":
+                    _submitted(p, jobs[p.run.name])
+                else:
+                    p.attempts += 1
                 if kind == "debug":  # runs now, in this process
                     try:
                         job.result()
@@ -340,21 +327,26 @@ def _run_here(spec: SweepSpec, out: Path, planned: list[PlannedRun], todo: list[
 
 def _final(spec: SweepSpec, out: Path, planned: list[PlannedRun], kind: str, jobs: dict[str, JobRef],
            echo) -> int:
-    """Re-read every run's state, record it, say what is not finished; 0 if every run finished."""
+    """Re-read every run's state, record it, say what is not finished; 0 if every run this command started
+    finished."""
     states = {}
+    asked = JobStates((jobs.get(p.run.name, p.job) for p in planned), accounting=True)  # one squeue for all
     for p in planned:
         job = jobs.get(p.run.name, p.job)
-        st = run_status(p.dir, job if kind != "debug" else None)
+        st = run_status(p.dir, job if kind != "debug" else None, jobs=asked)
         states[p.run.name] = st.state
         p.status = st
     write_manifest(out, spec, planned, kind, jobs, states)
-    bad = [p for p in planned if p.status.state != "finished"]
+    unfinished = [p for p in planned if p.status.state != "finished"]
+    bad = [p for p in unfinished if p.run.name in jobs]  # of the runs this command started
     for p in bad:
         log_hint = ""
         job = jobs.get(p.run.name, p.job)
         if job is not None and job.executor != "debug":
             log_hint = f"; log: {shown(job.log_paths()[1])}"
         echo(f"not finished: {p.run.name}: {p.status.state} ({p.status.detail}){log_hint}", file=sys.stderr)
-    echo(f"sweep {spec.name}: {len(planned) - len(bad)}/{len(planned)} runs finished; "
-         f"`fedpeft-hpc report {shown(out)}` writes the tables and plots")
+    left = len(unfinished) - len(bad)
+    echo(f"sweep {spec.name}: {len(planned) - len(unfinished)}/{len(planned)} runs finished"
+         + (f" ({left} not started by this command: --only, --max-attempts)" if left else "")
+         + f"; `fedpeft-hpc report {shown(out)}` writes the tables and plots")
     return 0 if not bad else 1

@@ -12,10 +12,14 @@
 
 Runs: every grid combination x every zip row x every seed (seeds innermost). Keys are dotted
 config keys; a nested mapping under a config section (``fed: {rounds: 5}``) means the same as
-its dotted keys. A run's name is its swept keys' short names (the shortest dotted suffix that
-no other swept key shares: ``optim.lr`` -> ``lr``) with their values, then the seed:
-``alpha=0.1_method=bias_lr=0.05_seed=42``. Characters other than letters, digits and ``.+-``
-become ``-``; names that would still collide get a short hash of their values appended.
+its dotted keys. Values are read as their config key declares them (``1`` and ``1.0`` of a float
+key are one value). A run's name is its *varying* keys (those with more than one value; a
+one-value axis is an override like any other), sorted, by short name (the shortest dotted suffix
+that no other varying key shares: ``optim.lr`` -> ``lr``) with their values, then the seed:
+``alpha=0.1_lr=0.05_method=bias_seed=42``; reordering the file or adding a one-value axis names
+no run differently. Characters other than letters, digits and ``.+-`` become ``-``; names that
+would still collide get a short hash of their values appended. A sweep finds its finished runs
+by what they compute (``runs/identity``), not by their names.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft_hpc.config.load import typed_value
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.errors import ConfigError, UserError
 from fedpeft_hpc.utils.files import read_yaml_mapping
@@ -41,9 +46,10 @@ MAX_TOKEN = 40
 @dataclass(frozen=True)
 class SweepRun:
     name: str
-    setting: dict  # swept key -> value (grid and zip keys, in file order)
+    setting: dict  # varying key -> value (sorted keys; typed values)
     seed: int
-    setting_name: str  # the name without the seed: one row of the report's table
+    setting_name: str  # the name without the seed
+    values: dict = field(default_factory=dict)  # every grid and zip key -> value (one-value axes too)
 
 
 @dataclass
@@ -58,24 +64,34 @@ class SweepSpec:
 
     @property
     def swept_keys(self) -> list[str]:
-        return list(self.grid) + list(self.zip)
+        """The keys that vary between runs (more than one distinct value), sorted."""
+        return sorted(k for k, values in {**self.grid, **self.zip}.items()
+                      if len({_canonical(typed_value(k, v)) for v in values}) > 1)
 
     def settings(self) -> list[dict]:
-        """Every grid combination x zip row, as ``{dotted key: value}``."""
-        combos = [dict(zip(self.grid, values)) for values in itertools.product(*self.grid.values())]
-        rows = [dict(zip(self.zip, values)) for values in zip(*self.zip.values())] if self.zip else [{}]
+        """Every grid combination x zip row, as ``{dotted key: typed value}`` (every key, in file order)."""
+        grid = {k: [typed_value(k, v) for v in vs] for k, vs in self.grid.items()}
+        zipped = {k: [typed_value(k, v) for v in vs] for k, vs in self.zip.items()}
+        combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+        rows = [dict(zip(zipped, values)) for values in zip(*zipped.values())] if zipped else [{}]
         return [{**g, **z} for g in combos for z in rows]
 
     def runs(self, default_seed: int) -> list[SweepRun]:
         seeds = self.seeds if self.seeds is not None else [default_seed]
-        short = short_names(self.swept_keys)
+        varying = self.swept_keys
+        short = short_names(varying)
         runs = []
-        for setting in self.settings():
+        for values in self.settings():
+            setting = {k: values[k] for k in varying}
             tokens = [f"{short[k]}={value_token(v)}" for k, v in setting.items()]
             setting_name = "_".join(tokens) or "base"
             for seed in seeds:
-                runs.append(SweepRun("_".join(tokens + [f"seed={seed}"]), setting, int(seed), setting_name))
+                runs.append(SweepRun("_".join(tokens + [f"seed={seed}"]), setting, int(seed), setting_name, values))
         return _unique(runs)
+
+
+def _canonical(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, default=str)
 
 
 def override_items(values: dict[str, Any]) -> list[str]:
@@ -138,7 +154,7 @@ def _unique(runs: list[SweepRun]) -> list[SweepRun]:
         if counts[r.name] > 1:
             tag = _digest(r.setting)
             setting_name = f"{r.setting_name}~{tag}"
-            r = SweepRun(f"{setting_name}_seed={r.seed}", r.setting, r.seed, setting_name)
+            r = SweepRun(f"{setting_name}_seed={r.seed}", r.setting, r.seed, setting_name, r.values)
         out.append(r)
     names = [r.name for r in out]
     if len(set(names)) != len(names):  # identical values twice: the sweep file repeats itself

@@ -38,12 +38,19 @@ BYTES = frozenset({"bytes_up", "bytes_down", "bytes_up_total", "bytes_down_total
 #: summary.json fields that never depend on private data (configuration, counts of parameters, the guarantee)
 SUMMARY_PUBLIC = frozenset({"final_acc", "best_acc", "rounds", "method", "model", "dataset", "trainable_params",
                             "total_params", "bytes_per_transfer", "world_size", "seed", "epsilon", "delta",
-                            "epsilon_unbounded", "seeded_noise", "rounds_charged_again"})
+                            "epsilon_unbounded", "seeded_noise", "rounds_charged_again", "compress_up",
+                            "compress_down", "bytes_up_per_transfer", "bytes_down_per_transfer"})
 POLICIES = ("covered", "all")
 
 
 def covered_fields(mode: str, sampling: str, dropout: float) -> frozenset[str]:
-    """The metrics fields epsilon covers in ``mode`` with cohorts drawn by ``sampling`` (see the module doc)."""
+    """The metrics fields epsilon covers in ``mode`` with cohorts drawn by ``sampling`` (see the module doc);
+    ``compression_ratio`` is computed from the bytes up and down: covered where both are."""
+    fields = _covered_fields(mode, sampling, dropout)
+    return fields | {"compression_ratio"} if {"bytes_up", "bytes_down"} <= fields else fields
+
+
+def _covered_fields(mode: str, sampling: str, dropout: float) -> frozenset[str]:
     if mode == "sample":
         return ALWAYS | COUNTS | BYTES
     if mode == "client" and sampling == "fixed":
@@ -80,7 +87,7 @@ class ReleasePolicy:
         return {k: v for k, v in row.items() if k in self.covered}
 
     def summary_covered(self, key: str) -> bool:
-        if key == "bytes_total":
+        if key in ("bytes_total", "compression_ratio"):
             return {"bytes_up_total", "bytes_down_total"} <= self.covered
         return key in SUMMARY_PUBLIC or key in self.covered
 

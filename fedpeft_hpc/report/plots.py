@@ -29,23 +29,24 @@ class Curve:
     mb_mean: np.ndarray
 
 
-def _points(rec: RunRecord, metric: str = "test_acc") -> dict[int, tuple[float, float]]:
-    """round -> (``metric``: test accuracy or personal_acc, cumulative MB up + down) for the rounds that evaluated
-    (MB NaN where the row holds no byte counts: a DP run with privacy.release=covered whose cohort size is secret)."""
+def _points(rec: RunRecord, metric: str = "test_acc", up_only: bool = False) -> dict[int, tuple[float, float]]:
+    """round -> (``metric``: test accuracy or personal_acc, cumulative MB up + down, or up alone) for the rounds
+    that evaluated (MB NaN where the row holds no byte counts: a DP run with privacy.release=covered whose cohort
+    size is secret)."""
     out = {}
     for row in rec.metrics:
         acc = row.get(metric)
         if isinstance(acc, (int, float)):
-            sent = [row.get("bytes_up_total"), row.get("bytes_down_total")]
+            sent = [row.get("bytes_up_total")] + ([] if up_only else [row.get("bytes_down_total")])
             mb = sum(sent) / 1e6 if None not in sent else math.nan
             out[int(row["round"])] = (float(acc), float(mb))
     return out
 
 
-def curves(coll: Collection, metric: str = "test_acc") -> list[Curve]:
+def curves(coll: Collection, metric: str = "test_acc", up_only: bool = False) -> list[Curve]:
     out = []
     for name, recs in coll.settings().items():
-        per_run = [_points(r, metric) for r in recs]
+        per_run = [_points(r, metric, up_only) for r in recs]
         rounds = sorted(set().union(*per_run))
         if not rounds:
             continue
@@ -58,9 +59,23 @@ def curves(coll: Collection, metric: str = "test_acc") -> list[Curve]:
             mb_mean.append(np.mean(mbs))
         done = sum(r.finished for r in recs)
         what = coll.label(recs[0])
+        if sum(coll.label(rs[0]) == what for rs in coll.settings().values()) > 1:  # same name, other computation
+            what += f", rounds={recs[0].rounds}"
         label = f"{what} (n={done})" if done == len(recs) else f"{what} ({done}/{len(recs)} finished)"
         out.append(Curve(label, np.array(rounds), np.array(acc_mean), np.array(acc_std), np.array(mb_mean)))
     return out
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (MB, accuracy) points that no other point beats with fewer or equal MB and higher or equal
+    accuracy (one strictly better), sorted by MB; points without a finite MB (bytes withheld under DP) are left out."""
+    front, best = [], -float("inf")
+    finite = [(mb, acc) for mb, acc in points if math.isfinite(mb) and math.isfinite(acc)]
+    for mb, acc in sorted(finite, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((mb, acc))
+            best = acc
+    return front
 
 
 def _figure(title: str, xlabel: str, panels: int, ylabel: str = "test accuracy (top-1)"):
@@ -120,21 +135,29 @@ def plot_accuracy_vs_round(coll: Collection, path: Path, panels: list[str] | Non
     return _save(fig, path)
 
 
-def plot_accuracy_vs_bytes(coll: Collection, path: Path, panels: list[str] | None = None, metric: str = "test_acc"):
+def plot_accuracy_vs_bytes(coll: Collection, path: Path, panels: list[str] | None = None, metric: str = "test_acc",
+                           up_only: bool = False):
     """Write the PNG (log x; one panel per value of the ``panels`` keys); returns the matplotlib Figure.
     ``metric``: ``test_acc`` (the global model on the global test set) or ``personal_acc`` (each client's own
-    model on its held-out samples, ``data.client_test_fraction``)."""
+    model on its held-out samples, ``data.client_test_fraction``); ``up_only``: the uplink's bytes alone."""
     groups = split(coll, panels or [])
     what = "test accuracy" if metric == "test_acc" else "personalized accuracy (clients' own models)"
     fig, axes = _figure(f"{coll.title}: {what} vs communication",
-                        "cumulative communication, MB (up + down, all clients; log scale)", len(groups),
+                        f"cumulative communication, MB ({'up' if up_only else 'up + down'}, all clients; log scale)",
+                        len(groups),
                         ylabel="test accuracy (top-1)" if metric == "test_acc" else "personal_acc (top-1)")
     for ax, (subtitle, part) in zip(axes, groups):
-        cs = curves(part, metric)
+        cs = curves(part, metric, up_only)
         for c in cs:
             (line,) = ax.plot(c.mb_mean, c.acc_mean, marker="o", markersize=3, label=c.label)
             ax.fill_between(c.mb_mean, c.acc_mean - c.acc_std, c.acc_mean + c.acc_std, color=line.get_color(),
                             alpha=0.2, linewidth=0)
+        # the settings' last evaluated points that no other setting beats at equal or lower cost
+        front = pareto_front([(float(c.mb_mean[-1]), float(c.acc_mean[-1])) for c in cs]) if len(cs) > 1 else []
+        if front:
+            xs, ys = zip(*front)
+            ax.plot(xs, ys, color="black", linestyle="--", linewidth=1, marker="*", markersize=9, zorder=5,
+                    label="Pareto front (last rounds)")
         if cs:
             from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -145,5 +168,5 @@ def plot_accuracy_vs_bytes(coll: Collection, path: Path, panels: list[str] | Non
             mbs = mbs[np.isfinite(mbs)]
             lo, hi = (mbs.min(), mbs.max()) if mbs.size else (1.0, 1.0)
             ax.xaxis.set_minor_formatter(plain if hi < 10 * lo else NullFormatter())
-        _finish(ax, len(cs), subtitle if len(groups) > 1 else None)
+        _finish(ax, len(cs) + bool(front), subtitle if len(groups) > 1 else None)
     return _save(fig, path)

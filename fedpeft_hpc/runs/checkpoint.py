@@ -53,3 +53,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
     peft = {k[len("peft/"):]: v for k, v in tensors.items() if k.startswith("peft/")}
     server = {k[len("server/"):]: v for k, v in tensors.items() if k.startswith("server/")}
     return Checkpoint(round=int(meta["round"]), peft=peft, server=server, state=json.loads(meta.get("state", "{}")))
+
+
+def checkpoint_round(path: Path) -> int:
+    """The round a checkpoint was saved after, from its metadata alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return int((f.metadata() or {})["round"])
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read as safetensors: {e}") from None

@@ -198,6 +198,41 @@ class ClientStateStore:
                 self._newest[c] = (round_idx, path)
 
 
+class StoreRounds:
+    """The round and checkpoint hooks of an owner of a ``ClientStateStore | None`` (``self.store``), for the
+    engine to call: each does nothing without a store."""
+
+    store: ClientStateStore | None = None
+
+    def end_round(self, round_idx: int, rank: int) -> None:
+        if self.store is not None:
+            self.store.end_round(round_idx, rank)
+
+    def after_aggregate(self, round_idx: int) -> None:
+        if self.store is not None:
+            self.store.index_round(round_idx)
+
+    def after_checkpoint(self, round_idx: int, rank: int) -> None:
+        if self.store is not None:
+            self.store.compact(round_idx, rank)
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
+def open_recovered(root: str | os.PathLike, init: Mapping[str, torch.Tensor], num_clients: int,
+                   resume_round: int | None) -> None:
+    """At a start (rank 0, before the other ranks open it): the store at ``root`` as of the checkpoint of
+    ``resume_round`` (``None``: a fresh start, whatever an earlier start left there is removed)."""
+    if resume_round is None:
+        remove_store(root)
+    store = ClientStateStore(root, init, num_clients)
+    store.recover(resume_round or 0)
+    store.close()
+
+
 def remove_store(root: str | os.PathLike) -> None:
     """Delete a store (a fresh start into a directory whose earlier start wrote no checkpoint)."""
     shutil.rmtree(root, ignore_errors=True)

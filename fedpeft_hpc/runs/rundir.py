@@ -1,7 +1,9 @@
 """The run directory (see CONTRACT.md): config.yaml, metrics.jsonl, summary.json, checkpoints/.
 
 Only rank 0 writes. Nothing already written is destroyed: a directory that holds a run
-is resumed (``run.resume=auto``) or refused (``never``). A resume continues after the
+is resumed (``run.resume=auto``) or refused (``never``). A resume may change ``fed.rounds`` (extend a
+finished run, or stop an interrupted one earlier) except under DP, whose noise was calibrated for
+the saved total. A resume continues after the
 checkpoint's round, or from round 0 when the run wrote metrics but no checkpoint yet (a
 requeue before the first ``run.checkpoint_every``). The metrics rows of rounds after that
 point are re-run, so they leave ``metrics.jsonl`` for ``metrics.superseded.jsonl`` (each row
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 from fedpeft_hpc.config.load import dotted, dump_yaml, to_dict
 from fedpeft_hpc.config.schema import Config
 from fedpeft_hpc.errors import ConfigError, UserError
-from fedpeft_hpc.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedpeft_hpc.runs.checkpoint import Checkpoint, checkpoint_round, load_checkpoint, save_checkpoint
+from fedpeft_hpc.runs.identity import identity_of, write_identity
+from fedpeft_hpc.runs.lease import check_lease, refresh_lease, release_lease, take_lease
 from fedpeft_hpc.utils.files import atomic_write_json, atomic_write_text, read_jsonl, usable_dir_problem
 
 # Keys that may differ between the saved and the resumed config.
@@ -42,14 +47,15 @@ class RunDir:
         self.superseded_path = self.path / "metrics.superseded.jsonl"
 
     # -- start / resume ---------------------------------------------------------------
-    def check(self, cfg: Config) -> bool:
+    def check(self, cfg: Config, lease_alive: Callable[[dict], bool] | None = None) -> bool:
         """Every check of a start or resume, reading only (``fedpeft-hpc submit``/``sweep`` run them
         on the login node). Returns whether the run continues one in this directory: from
         ``checkpoints/latest.safetensors``, or (``run.resume=auto``, metrics but no checkpoint yet)
-        from round 0."""
+        from round 0. ``lease_alive``: how to tell whether a lease's holder lives (default: ask about it alone)."""
         problem = usable_dir_problem(self.path)
         if problem:
             raise ConfigError("run.dir", f"{problem}; give a directory to hold the run")
+        check_lease(self.path, lease_alive)  # another live job or process trains here: exit 2 naming it
         has_ckpt = self.latest.is_file()
         has_run = has_ckpt or self.metrics_path.is_file() or self.summary_path.is_file()
         mode = cfg.run.resume
@@ -118,6 +124,7 @@ class RunDir:
             self.ckpt_dir.mkdir(exist_ok=True)
         except OSError as e:
             raise ConfigError("run.dir", f"cannot create {self.path} ({e.strerror or e})") from None
+        take_lease(self.path)
         atomic_write_text(self.config_path, dump_yaml(cfg))
         if not self.metrics_path.is_file():
             return
@@ -148,10 +155,47 @@ class RunDir:
 
     def _check_same_run(self, cfg: Config) -> None:
         diff = self.config_differences(cfg)
+        if [k for k, _, _ in diff] == ["fed.rounds"]:
+            self._check_extension(cfg, diff[0][1])
+            return
         if diff:
             shown = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diff[:6])
             raise ConfigError(diff[0][0], f"{self.path} holds a run with a different config ({shown}); "
                                           "choose a new run.dir or use the same config to resume")
+
+    def write_planned_config(self, cfg: Config) -> None:
+        """``submit``/``sweep``: the resolved config of a run whose job waits in the queue (``status`` shows its
+        rounds); a config already there is the run's own and is never replaced here."""
+        if self.is_main and not self.config_path.is_file():
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.config_path, dump_yaml(cfg))
+
+    def write_identity(self, cfg: Config, data_fingerprint: int) -> None:
+        """``identity.json``: what this run computes (``runs/identity``), for sweeps and reports."""
+        if self.is_main:
+            write_identity(self.path, identity_of(cfg, data_fingerprint))
+
+    def refresh_lease(self) -> None:
+        if self.is_main:
+            refresh_lease(self.path)
+
+    def release_lease(self) -> None:
+        if self.is_main:
+            release_lease(self.path)
+
+    def _check_extension(self, cfg: Config, saved_rounds) -> None:
+        """A finished or interrupted run continued to another ``fed.rounds`` (nothing in a round depends
+        on the total without DP, so it ends as an uninterrupted run of that many rounds would). Under DP
+        the noise was calibrated for the saved total: more rounds spend more than its epsilon says."""
+        if cfg.privacy.mode != "none":
+            raise ConfigError("fed.rounds", f"{self.path} holds a DP run planned for {saved_rounds} rounds; its noise "
+                                            f"was calibrated for them, so {cfg.fed.rounds} rounds would spend more "
+                                            "privacy than its epsilon says. Start a new run.dir with "
+                                            f"fed.rounds={cfg.fed.rounds} (nothing was changed)")
+        done = checkpoint_round(self.latest) if self.latest.is_file() else 0
+        if cfg.fed.rounds < done:
+            raise ConfigError("fed.rounds", f"{cfg.fed.rounds}: {self.path} already holds {done} rounds (its "
+                                            f"checkpoint); give fed.rounds >= {done} to continue it")
 
     def log_path(self, rank: int) -> Path:
         """``train.log`` for rank 0, ``train.rank<N>.log`` for the others."""

@@ -20,8 +20,16 @@ from fedpeft_hpc.errors import UserError
 
 
 def expand_path(path: str | os.PathLike) -> Path:
-    """``~`` and ``$VARS`` expanded (cluster paths such as ``$SCRATCH/cifar`` or ``/data/rank$LOCAL_RANK``)."""
-    return Path(os.path.expandvars(os.path.expanduser(str(path))))
+    """``~`` and ``$VARS`` expanded (cluster paths such as ``$SCRATCH/cifar`` or ``/data/rank$LOCAL_RANK``).
+    A variable that is not set is named as such (``UserError``), not left in a path that does not exist."""
+    import re
+
+    text = os.path.expanduser(str(path))
+    unset = [a or b for a, b in re.findall(r"\$\{(\w+)\}|\$(\w+)", text) if (a or b) not in os.environ]
+    if unset:
+        raise UserError(f"environment variable {unset[0]} is not set (it is used in the path {path}); set it, "
+                        "or give the path without it")
+    return Path(os.path.expandvars(text))
 
 
 def current_umask() -> int:

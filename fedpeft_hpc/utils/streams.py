@@ -29,8 +29,11 @@ CLIENT_LAYERS = 16  # stochastic layers (drop path, dropout) of a client's forwa
 # 17: unused (never give a retired number to another stream)
 AUGMENT = 18
 POISSON_COHORT = 19
-CLIENT_TEST = 20  # which of a client's samples it holds out (data.client_test_fraction)
+PATCHES = 20  # where the skimage_* tasks cut their patches (with FIXED_SPLIT_SEED: a fixed task)
 LORA_TIERS = 21  # which clients get which LoRA rank (peft.lora_ranks)
+COMPRESS_UP = 22  # stochastic rounding of a client's encoded update (fed.compress_up)
+COMPRESS_DOWN = 23  # stochastic rounding of the round's encoded global state (fed.compress_down)
+CLIENT_TEST = 24  # which of a client's samples it holds out (data.client_test_fraction)
 
 FIXED_SPLIT_SEED = 0  # splits that must not move with the run seed (digits, image folders)
 
