@@ -52,6 +52,26 @@ def test_a_batched_step_makes_no_host_round_trip(method, dp, optim):
     assert not calls, dict(calls)
 
 
+def test_metric_sums_stay_on_the_device_until_the_round_ends():
+    """A finished client's loss sum and correct count are device tensors, summed into the round buffer without
+    a host call; the buffer's sums equal the per-client values (read once, at the round's end)."""
+    from fedpeft_hpc.federated.aggregate import RoundBuffer
+
+    trainer, jobs, start = _trainer("bias", False, 3)
+    buf = RoundBuffer(start.numel(), torch.device("cpu"))
+    results = []
+    with host_calls() as counts:
+        for _, res in trainer.train(start, jobs):
+            assert isinstance(res.loss_sum, torch.Tensor) and isinstance(res.correct, torch.Tensor)
+            buf.add(res.delta, 1.0, res.loss_sum, res.seen, res.correct)
+            results.append(res)
+    reads = ("item", "tolist", "cpu", "bool", "int", "float", "index")  # (the data path's index arrays aside)
+    assert not {k: v for k, v in counts.items() if k in reads}, dict(counts)
+    _, stats = buf.split()
+    assert stats.loss_sum == pytest.approx(sum(float(r.loss_sum) for r in results), rel=1e-12)
+    assert stats.correct == sum(int(r.correct) for r in results) and stats.returned == len(jobs)
+
+
 def test_b_bf16_activations_after_a_vmapped_linear_and_batched_equals_sequential():
     """Under bf16 autocast on CPU a vmapped Linear whose bias is a stacked PEFT tensor returns bf16 (as a
     plain Linear under autocast does), and batched bf16 training equals sequential bf16 training within

@@ -351,3 +351,29 @@ def test_gpu_batches_equal_cpu_batches():
     assert split.train.images.data_ptr() == split.test.store.images.data_ptr()
     on_gpu, on_cpu = split.test.batch(np.arange(16))[0], cpu.test.batch(np.arange(48, 64))[0]
     assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-6)
+
+
+@pytest.mark.parametrize("augment", ["none", "crop_flip"])
+def test_deferred_batches_of_several_clients_are_made_in_one_gather(augment, monkeypatch):
+    """Client batching's data path: the pending batches of several clients (one empty) are made by ONE gather,
+    and equal, bit for bit, each client's batch made alone with its own generator (the same draws)."""
+    from fedpeft_hpc.data.sources import PendingBatch, prepare_batches
+
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    store = ImageStore(images, torch.arange(40) % 4, SPEC)
+    src = BatchSources(store, store.subset(np.arange(30, 40)), torch.device("cpu"), augment=augment)
+    lists = [np.arange(0, 20, 3), np.array([], dtype=np.int64), np.arange(5, 30, 2), np.array([7, 1])]
+    alone = [src.client(torch.Generator().manual_seed(c)).batch(idx) if len(idx) else None
+             for c, idx in enumerate(lists)]
+    pending = [src.client(torch.Generator().manual_seed(c), deferred=True).batch(idx) for c, idx in enumerate(lists)]
+    assert all(isinstance(p, PendingBatch) for p in pending)
+    calls = []
+    gather = ImageStore.gather
+    monkeypatch.setattr(ImageStore, "gather", lambda self, idx: calls.append(len(idx)) or gather(self, idx))
+    made = prepare_batches(pending)
+    assert calls == [sum(len(i) for i in lists)]
+    for a, (x, y) in zip(alone, made):
+        if a is None:
+            assert x.shape == (0, 3, 16, 16) and y.shape == (0,)
+        else:
+            assert torch.equal(a[0], x) and torch.equal(a[1], y)

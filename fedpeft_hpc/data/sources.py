@@ -6,7 +6,10 @@ there; larger ones stay in host memory, memory-mapped, and only each batch cross
 and asynchronous) and hands out
 
 - ``client(generator)``: one client's training view, augmented per ``data.augment`` with the
-  generator the engine draws for (seed, round, client);
+  generator the engine draws for (seed, round, client); ``client(generator, deferred=True)``
+  yields ``PendingBatch``es instead (the index list only), which ``prepare_batches`` makes for
+  several clients at once: ONE gather, augmentation and preparation over all of them (client
+  batching, one per step), each client's augmentation drawn from its own generator;
 - ``test``: the deterministic evaluation view; ``train_eval``: the same for training samples
   (each client's held-out ones, ``personal_acc``).
 
@@ -21,13 +24,14 @@ the log says so once.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
-from fedpeft_hpc.data.augment import augment_batch
+from fedpeft_hpc.data.augment import apply_augment, augment_batch, augment_draws
 from fedpeft_hpc.data.datasets import TensorImageDataset
 from fedpeft_hpc.data.store import Batch, BatchSource, ImageStore
 from fedpeft_hpc.data.transforms import to_device, to_model_input
@@ -37,14 +41,16 @@ log = logging.getLogger(__name__)
 
 
 class DeviceBatches(BatchSource):
-    """A store's batches on ``device``: gathered, moved (stored dtype), augmented, prepared there."""
+    """A store's batches on ``device``: gathered, moved (stored dtype), augmented, prepared there
+    (``deferred``: ``batch`` returns a ``PendingBatch``, made by ``prepare_batches``)."""
 
     def __init__(self, store: ImageStore, device: torch.device, augment: str = "none",
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, deferred: bool = False):
         self.store = store
         self.device = torch.device(device)
         self.augment = augment
         self.generator = generator
+        self.deferred = deferred
 
     def __len__(self) -> int:
         return len(self.store)
@@ -53,6 +59,8 @@ class DeviceBatches(BatchSource):
         return self.store[i]
 
     def batch(self, indices: np.ndarray) -> Batch:
+        if self.deferred:
+            return PendingBatch(self, np.asarray(indices, dtype=np.int64))
         x, y = self.store.gather(indices)
         x, y = to_device(x, self.device), to_device(y, self.device)
         x = augment_batch(x, self.augment, self.generator)
@@ -62,6 +70,40 @@ class DeviceBatches(BatchSource):
         s = self.store.spec
         return (torch.empty((0, s.in_chans, s.img_size, s.img_size), device=self.device),
                 torch.empty(0, dtype=torch.int64, device=self.device))
+
+
+@dataclass
+class PendingBatch:
+    """A batch not made yet: its source (a deferred ``DeviceBatches``) and its indices."""
+
+    source: DeviceBatches
+    indices: np.ndarray
+
+
+def prepare_batches(batches: list) -> list[Batch]:
+    """``(x, y)`` for each item of ``batches``: ready ones as they are, and the ``PendingBatch``es of one store made
+    together: ONE gather of all their indices, one augmentation (each batch's random numbers drawn from its own
+    generator, in the order of ``batches``) and one preparation; the same numbers as each made alone."""
+    out = list(batches)
+    groups: dict[int, list[int]] = {}
+    for i, b in enumerate(batches):
+        if isinstance(b, PendingBatch):
+            groups.setdefault(id(b.source.store), []).append(i)
+    for members in groups.values():
+        pending = [batches[i] for i in members]
+        first = pending[0].source
+        sizes = [len(p.indices) for p in pending]
+        x, y = first.store.gather(np.concatenate([p.indices for p in pending]))
+        x, y = to_device(x, first.device), to_device(y, first.device)
+        if first.augment != "none" and len(y):
+            h, w = x.shape[2], x.shape[3]
+            draws = [augment_draws(n, h, w, first.augment, p.source.generator) for n, p in zip(sizes, pending)
+                     if n]
+            x = apply_augment(x, first.augment, {k: torch.cat([d[k] for d in draws]) for k in draws[0]})
+        x = to_model_input(x, first.store.spec)
+        for i, xi, yi in zip(members, torch.split(x, sizes), torch.split(y, sizes)):
+            out[i] = (xi, yi)
+    return out
 
 
 class InProcessBatches(BatchSource):
@@ -122,11 +164,13 @@ class BatchSources:
                  "this process (no device-side batching)", name, type(ds).__name__)
         return InProcessBatches(ds), budget
 
-    def _view(self, ds: Dataset, augment: str, generator: torch.Generator | None) -> Dataset:
+    def _view(self, ds: Dataset, augment: str, generator: torch.Generator | None, deferred: bool = False
+              ) -> Dataset:
         if isinstance(ds, ImageStore):
-            return DeviceBatches(ds, self.device, augment, generator)
+            return DeviceBatches(ds, self.device, augment, generator, deferred)
         return ds  # a TensorImageDataset (sliced, moved by local_train) or the in-process path
 
-    def client(self, generator: torch.Generator | None) -> Dataset:
-        """One client's training batches for one round; ``generator`` drives its augmentation."""
-        return self._view(self.train, self.augment, generator)
+    def client(self, generator: torch.Generator | None, deferred: bool = False) -> Dataset:
+        """One client's training batches for one round; ``generator`` drives its augmentation; ``deferred``:
+        ``PendingBatch``es for ``prepare_batches``."""
+        return self._view(self.train, self.augment, generator, deferred)

@@ -48,13 +48,15 @@ class RoundBuffer:
         self.num_params = num_params
         self.values = torch.zeros(num_params + len(STATS), dtype=torch.float64, device=device)
 
-    def _stat(self, name: str, value: float) -> None:
+    def _stat(self, name: str, value: float | torch.Tensor) -> None:
         self.values[self.num_params + STATS.index(name)] += value
 
-    def add(self, update: torch.Tensor, weight: float, loss_sum: float, seen: int, correct: int) -> None:
+    def add(self, update: torch.Tensor, weight: float, loss_sum: float | torch.Tensor, seen: int,
+            correct: int | torch.Tensor) -> None:
+        """``loss_sum`` and ``correct`` may be 0-d device tensors: they are summed on the device, never read."""
         self.values[: self.num_params].add_(update.to(self.values), alpha=float(weight))
         self._stat("weight_sum", float(weight))
-        self._stat("loss_sum", float(loss_sum))
+        self._stat("loss_sum", loss_sum)
         self._stat("seen", seen)
         self._stat("correct", correct)
         self._stat("returned", 1)

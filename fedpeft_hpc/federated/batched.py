@@ -21,10 +21,12 @@ shared and a client's state is tiny, so a rank trains K clients at once here:
   A slot without a client does not move (``StackedOptimizer`` touches only active rows).
 - **Same data, same optimizer.** Each client's batches come from the same per-client
   iterator the sequential path uses (made when the client gets its slot), and its
-  optimizer is torch's formula per row (``federated.stacked_optim``).
+  optimizer is torch's formula per row (``federated.stacked_optim``). Iterators that yield
+  index lists (``data.sources.PendingBatch``, the engine's) are made into batches for all
+  slots at once per step: one gather, augmentation and preparation.
 - **No host round trip in a step.** Leaves and gradient views are made once per number of
   rows, a set of rows gets its device index once, padding is labelled -1 (the weights come
-  from the labels on the device), metric sums stay on the device until a client finishes.
+  from the labels on the device), metric sums stay on the device until the round ends.
 - **GPU paths.** timm's fused attention stays on CUDA (plain elsewhere, see
   ``vmap_friendly_attention``); under bf16 the PEFT tensors of Linear layers enter the
   vmapped call in bf16 and the frozen Linear weights are bf16 copies made once;
@@ -59,11 +61,13 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.utils.rnn import pad_sequence
 
 from fedpeft_hpc.config.schema import OptimConfig
+from fedpeft_hpc.data.sources import prepare_batches
 from fedpeft_hpc.federated.client import LocalResult, train_mode
 from fedpeft_hpc.federated.memory import synchronize
 from fedpeft_hpc.federated.slots import SlotStore
 from fedpeft_hpc.federated.stacked_optim import StackedOptimizer
 from fedpeft_hpc.models.precision import compute_precision
+from fedpeft_hpc.peft.lora import components_mask, lora_layers, rank_components, rank_masks
 from fedpeft_hpc.peft.state import FlatLayout
 from fedpeft_hpc.privacy.dpsgd import ClientNoise, clip_factors
 
@@ -74,17 +78,26 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class ClientJob:
-    """One client to train: its id, how to open its batch iterator, its DP-SGD noise (or None)."""
+    """One client to train: its id, how to open its batch iterator, its DP-SGD noise (or None).
+
+    A client with its own state (``federated.client_parts``): ``start()`` gives its slot row (default: the
+    shared start), ``finish(row, start)`` turns its final row into its update (default: ``row - start``) and
+    ``rank`` is its LoRA rank (its slot's rank mask; ``None``: every component).
+    """
 
     client: int
     batches: Callable[[], Iterable[Batch]]
     noise: Optional[ClientNoise] = None
+    start: Optional[Callable[[], torch.Tensor]] = None
+    finish: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+    rank: Optional[int] = None
 
 
 @dataclass
 class _Slot:
     job: ClientJob
     batches: Iterator[Batch]
+    start: torch.Tensor
     steps: int = 0
     seen: int = 0
     pending: Optional[Batch] = field(default=None, repr=False)
@@ -162,6 +175,9 @@ class BatchedClientTrainer:
         self.clip_bound = torch.zeros(slots, dtype=torch.float32, device=self.device)  # DP-SGD: C per slot
         self.expected = torch.ones(slots, dtype=torch.float32, device=self.device)  # DP-SGD: expected batch
         self.head = classifier_only(model, layout)
+        self.lora = lora_layers(model)
+        self.rank_mask: Optional[torch.Tensor] = None  # [K, r_max] once a job has a LoRA rank
+        self._rank_rows: dict[Optional[int], torch.Tensor] = {}
         self._index: dict[tuple, torch.Tensor] = {}  # device index tensors, one per set of rows
         self.rows_index(tuple(range(slots)))  # every slot: made here, before the steps
         # bf16: the PEFT tensors that enter a Linear / convolution are cast as autocast casts them there, and
@@ -206,7 +222,10 @@ class BatchedClientTrainer:
             self._step(active, [slots[s] for s in active])
 
     def _assign(self, s: int, job: ClientJob, start: torch.Tensor) -> _Slot:
+        if job.start is not None:
+            start = job.start().to(self.device, torch.float32)
         self.store.load_flat(s, start)
+        self._set_rank(s, job.rank)
         self.store.reset_buffers(s)  # a fresh optimizer state
         self.loss_sum[s] = 0
         self.correct[s] = 0
@@ -214,11 +233,25 @@ class BatchedClientTrainer:
         if job.noise is not None:
             self.clip_bound[s] = job.noise.max_grad_norm
             self.expected[s] = job.noise.expected_batch_size
-        return _Slot(job=job, batches=iter(job.batches()))
+        return _Slot(job=job, batches=iter(job.batches()), start=start)
+
+    def _set_rank(self, s: int, rank: Optional[int]) -> None:
+        """Slot ``s``'s LoRA rank mask (made at the first job with a rank; the masks are made once per rank)."""
+        if self.rank_mask is None:
+            if rank is None:
+                return
+            self.rank_mask = torch.ones((self.slots, rank_components(self.lora)), device=self.device)
+        row = self._rank_rows.get(rank)
+        if row is None:
+            row = self._rank_rows[rank] = components_mask(self.rank_mask.shape[1], rank, self.device)
+        self.rank_mask[s].copy_(row)
 
     def _result(self, s: int, slot: _Slot, start: torch.Tensor) -> LocalResult:
-        return LocalResult(delta=self.store.read_flat(s) - start, loss_sum=float(self.loss_sum[s]), seen=slot.seen,
-                           correct=int(self.correct[s]), steps=slot.steps)
+        row = self.store.read_flat(s)
+        delta = slot.job.finish(row, slot.start) if slot.job.finish is not None else row - slot.start
+        # the metric sums stay on the device (0-d tensors) until the round buffer is read at the round's end
+        return LocalResult(delta=delta, loss_sum=self.loss_sum[s].clone(), seen=slot.seen,
+                           correct=self.correct[s].clone(), steps=slot.steps)
 
     def rows_index(self, rows: tuple[int, ...]) -> torch.Tensor:
         """``rows`` as an int64 index on the device, made once per set of rows (no host-to-device copy per step)."""
@@ -229,7 +262,7 @@ class BatchedClientTrainer:
 
     # -- one step of every active slot ---------------------------------------------------
     def _step(self, active: list[int], slots: list[_Slot]) -> None:
-        batches = [sl.pending for sl in slots]
+        batches = prepare_batches([sl.pending for sl in slots])  # deferred ones: one gather for every slot
         for sl in slots:
             sl.pending = None
         xs = [self._on_device(x) for x, _ in batches]
@@ -350,33 +383,38 @@ class BatchedClientTrainer:
         mask = y >= 0
         n = mask.sum(1)
         weight = mask / n.clamp(min=1).unsqueeze(1).to(torch.float32)
+        masks = self.rank_mask.index_select(0, index) if self.rank_mask is not None else None
         compiled = compiled and self.compiled is not None
         if compiled:
             try:
-                loss, ce, pred = self.compiled(leaves, x, y, weight)
+                loss, ce, pred = self.compiled(leaves, x, y, weight, masks)
             except Exception as exc:  # noqa: BLE001 -- a backend that fails at its first call: eager from here on
                 log.warning("run.compile: torch.compile failed (%s: %s); the eager path is used", type(exc).__name__,
                             str(exc).splitlines()[0] if str(exc) else "")
                 self.compiled = None
                 compiled = False
         if not compiled:
-            loss, ce, pred = self._forward(leaves, x, y, weight)
+            loss, ce, pred = self._forward(leaves, x, y, weight, masks)
         grads = torch.autograd.grad(loss, list(leaves.values()))
         with torch.no_grad():
             torch._foreach_copy_(grad_views, grads)
             loss_sum = (ce * weight).sum(1).double() * n.double()
             return grad_flat, loss_sum, ((pred == y) & mask).sum(1)
 
-    def _forward(self, leaves: dict, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor):
-        """The summed weighted loss of every row, each sample's loss and prediction (vmapped over rows)."""
+    def _forward(self, leaves: dict, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor,
+                 masks: Optional[torch.Tensor] = None):
+        """The summed weighted loss of every row, each sample's loss and prediction (vmapped over rows);
+        ``masks``: each row's LoRA rank mask ``[rows, r_max]`` (``None``: every component)."""
         x, logits = self._inputs(x, batch_dims=2)
 
-        def client_loss(p, xk, yk, wk):
-            out = logits(p, xk)
+        def client_loss(p, xk, yk, wk, *mk):
+            with rank_masks(self.lora, mk[0] if mk else None):
+                out = logits(p, xk)
             ce = F.cross_entropy(out.float(), yk.clamp(min=0), reduction="none")
             return (ce * wk).sum(), ce.detach(), out.detach().argmax(dim=-1)
 
-        loss, ce, pred = vmap(client_loss, randomness="different")(leaves, x, y, weight)
+        args = (leaves, x, y, weight) + (() if masks is None else (masks,))
+        loss, ce, pred = vmap(client_loss, randomness="different")(*args)
         return loss.sum(), ce, pred
 
     def _compile(self):
@@ -441,13 +479,15 @@ class BatchedClientTrainer:
             y = torch.cat([yi for yi in ys if len(yi)])
             per_sample = {n: p.index_select(0, owner) for n, p in views.items()}
             x, logits = self._inputs(x, batch_dims=1)
+            masks = () if self.rank_mask is None else (self.rank_mask.index_select(0, index)[owner],)
 
-            def sample_loss(p, xi, yi):
-                out = logits(p, xi.unsqueeze(0))
+            def sample_loss(p, xi, yi, *mi):
+                with rank_masks(self.lora, mi[0] if mi else None):
+                    out = logits(p, xi.unsqueeze(0))
                 ce = F.cross_entropy(out.float(), yi.unsqueeze(0))
                 return ce, (ce.detach(), out.detach().argmax(dim=-1).squeeze(0))
 
-            g, (ce, pred) = vmap(grad(sample_loss, has_aux=True), randomness="different")(per_sample, x, y)
+            g, (ce, pred) = vmap(grad(sample_loss, has_aux=True), randomness="different")(per_sample, x, y, *masks)
             with torch.no_grad():
                 norms = torch.stack([t.reshape(total, -1).norm(2, dim=-1) for t in g.values()], dim=1).norm(2, dim=1)
                 bounds = {nz.max_grad_norm for nz in noises}

@@ -22,9 +22,9 @@ from fedpeft_hpc.peft.state import FlatLayout, load_vector
 @dataclass
 class LocalResult:
     delta: torch.Tensor  # flat fp32, local - global
-    loss_sum: float
+    loss_sum: float | torch.Tensor  # batched training: a 0-d device tensor (read with the round's sums)
     seen: int  # samples processed over all local steps
-    correct: int
+    correct: int | torch.Tensor
     steps: int
 
 

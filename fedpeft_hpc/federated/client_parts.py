@@ -7,6 +7,12 @@ entries outside it; after training it stores the local parts back and turns the 
 ``pad(local) - global`` (see ``peft.ranks``). For evaluation of the global model it puts the
 local parts back at their seeded initialisation and the full rank: the global model is what
 every client shares plus what a client that never trained would hold.
+
+Client-batched training (``federated.batched``) holds every trained tensor of a client, sent and
+local, in one slot row in ``FlatLayout(params)`` order (``full_layout``); ``sent_index`` and
+``local_index`` map the sent and the local tensors into that row. ``slot_start`` and
+``slot_finish`` are ``start`` and ``finish`` for a slot row (the same truncation and update
+math); the slot's rank mask is the trainer's (``ClientJob.rank``).
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ class ClientParts(StoreRounds):
         self.sent = select(params, self.parts.sent)
         self.local = select(params, self.parts.local)
         self.local_layout = FlatLayout(self.local) if self.local else None
+        self.full_layout = FlatLayout(params)  # a batched slot's row: sent and local tensors by name
+        self.sent_index = _index_into(self.full_layout, self.parts.sent).to(device)
+        self.local_index = _index_into(self.full_layout, self.parts.local).to(device)
         self.init_local = ({n: p.detach().clone() for n, p in self.local.items()} if self.local else {})
         self.lora_ranks = lora_ranks
         self.num_clients = cfg.fed.num_clients
@@ -47,8 +56,13 @@ class ClientParts(StoreRounds):
         self._bytes: dict[int, int] = {}
 
     @property
+    def per_client(self) -> bool:
+        """A client's start or update differs from the shared one (local parts, LoRA ranks)."""
+        return bool(self.local or self.lora_ranks is not None)
+
+    @property
     def active(self) -> bool:
-        """Something differs per client (local parts, ranks) or is frozen: clients train one by one."""
+        """Something differs per client (local parts, ranks) or is frozen (a log line says so)."""
         return bool(self.parts.split or self.lora_ranks is not None)
 
     def why(self) -> str:
@@ -81,23 +95,42 @@ class ClientParts(StoreRounds):
     def start(self, client: int, global_vec: torch.Tensor) -> torch.Tensor:
         """Load ``client``'s local parts and rank; the sent state it starts from (its truncation)."""
         self._load_local(client)
-        rank = self.rank_of(client)
-        set_active_rank(self.model, rank)
-        if rank is None:
-            return global_vec
-        return global_vec * self.mask(rank)
+        set_active_rank(self.model, self.rank_of(client))
+        return self._sent_start(client, global_vec)
 
     def finish(self, client: int, delta: torch.Tensor, global_vec: torch.Tensor) -> torch.Tensor:
         """Store ``client``'s local parts; its update against the full global state (``pad(local) - global``)."""
         if self.store is not None:
             self.store.put(client, self.local)
-        rank = self.rank_of(client)
         set_active_rank(self.model, None)
+        return self._padded_update(client, delta, global_vec)
+
+    def slot_start(self, client: int, global_vec: torch.Tensor) -> torch.Tensor:
+        """``client``'s slot row (``full_layout``): the sent state it starts from and its local parts."""
+        row = torch.empty(self.full_layout.size, dtype=torch.float32, device=global_vec.device)
+        row[self.sent_index] = self._sent_start(client, global_vec)
+        if self.local:
+            row[self.local_index] = self._local_vec(client).to(row.device)
+        return row
+
+    def slot_finish(self, client: int, row: torch.Tensor, start: torch.Tensor, global_vec: torch.Tensor
+                    ) -> torch.Tensor:
+        """Store the local parts of ``client``'s final slot ``row`` (started from ``start``); its update."""
+        if self.store is not None:
+            self.store.put_vec(client, row[self.local_index])
+        return self._padded_update(client, (row - start)[self.sent_index], global_vec)
+
+    def _sent_start(self, client: int, global_vec: torch.Tensor) -> torch.Tensor:
+        """The global state truncated to ``client``'s rank."""
+        rank = self.rank_of(client)
+        return global_vec if rank is None else global_vec * self.mask(rank)
+
+    def _padded_update(self, client: int, delta: torch.Tensor, global_vec: torch.Tensor) -> torch.Tensor:
+        rank = self.rank_of(client)
         if rank is None:
             return delta
-        mask = self.mask(rank)
         # outside its rank the client's padded state is zero (also where DP-SGD noise touched it)
-        return torch.where(mask, delta, -global_vec)
+        return torch.where(self.mask(rank), delta, -global_vec)
 
     def as_global(self) -> None:
         """The model as the global one: local parts at their initialisation, the full rank."""
@@ -118,6 +151,12 @@ class ClientParts(StoreRounds):
         elif self.local:
             self._copy_local(self.init_local)
 
+    def _local_vec(self, client: int) -> torch.Tensor:
+        """``client``'s local parts, flat (the local names' order)."""
+        if self.store is not None:
+            return self.store.get_vec(client)
+        return self.local_layout.flatten(self.init_local, torch.float32)
+
     @torch.no_grad()
     def _copy_local(self, values: Mapping[str, torch.Tensor]) -> None:
         for n, p in self.local.items():
@@ -131,3 +170,13 @@ class ClientParts(StoreRounds):
         if rank not in self._bytes:
             self._bytes[rank] = rank_bytes(self.sent, rank)
         return self._bytes[rank]
+
+
+def _index_into(layout: FlatLayout, names) -> torch.Tensor:
+    """Positions of the tensors ``names`` (in that order) in ``layout``'s flat vector."""
+    at, offsets = 0, {}
+    for name, n in zip(layout.names, layout.numels):
+        offsets[name] = (at, at + n)
+        at += n
+    spans = [torch.arange(*offsets[n]) for n in names]
+    return torch.cat(spans) if spans else torch.zeros(0, dtype=torch.int64)

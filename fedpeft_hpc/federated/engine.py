@@ -142,17 +142,10 @@ class FederatedTrainer:
         self.compression.attach_store()
         self.noise_key = self._noise_key()
         image = self.fed.built.image
-        if self.client_parts.active:
-            # phase 1: the batched trainer does not load per-client parts or ranks yet
-            self.client_batch = 0
-            if cfg.fed.client_batch != "off":
-                log.info("fed.client_batch=%s: clients are trained one after another because of %s (the batched "
-                         "trainer does not handle per-client or frozen parts yet)", cfg.fed.client_batch,
-                         self.client_parts.why())
-        else:
-            self.client_batch = plan_client_batch(cfg, self.model, self.layout, comm.device,
-                                                  (image.in_chans, image.img_size, image.img_size),
-                                                  comm.world_size, dp=cfg.privacy.mode == "sample")
+        # a batched slot holds every trained tensor of a client: the sent and the local ones
+        self.client_batch = plan_client_batch(cfg, self.model, self.client_parts.full_layout, comm.device,
+                                              (image.in_chans, image.img_size, image.img_size),
+                                              comm.world_size, dp=cfg.privacy.mode == "sample")
         # batched clients compute their own per-sample gradients: no Opacus hooks on the shared model
         self.train_model = (self.model if self.client_batch
                             else self.fed.privacy.wrap_model(self.model))  # may still refuse the model
@@ -273,14 +266,15 @@ class FederatedTrainer:
             log.warning("round %d: rejected an update (non-finite or too large; under DP the client is not named)",
                         round_idx)
 
-    def _client_batches(self, round_idx: int, client: int):
+    def _client_batches(self, round_idx: int, client: int, deferred: bool = False):
         """Client ``client``'s local-training batches in ``round_idx``: augmentation drawn from (seed, round,
         client), data order (DP-SGD: batch membership) from the privacy mechanism's generator (the seed's
         stream, or the secret noise key under sample-level DP), on the rank's device; the same for the
-        sequential and batched paths."""
+        sequential and batched paths (``deferred``: index lists that the batched trainer makes for all its
+        slots in one gather, ``data.sources.prepare_batches``)."""
         cfg, fed = self.cfg, self.fed
         gen = fed.privacy.batch_generator(cfg.seed, round_idx, client)
-        source = self.sources.client(torch_generator(cfg.seed, AUGMENT, round_idx, client))
+        source = self.sources.client(torch_generator(cfg.seed, AUGMENT, round_idx, client), deferred)
         return fed.privacy.client_batches(source, fed.client_indices[client], cfg.data.batch_size,
                                           cfg.fed.local_epochs, gen, cfg.data.num_workers)
 
@@ -291,11 +285,12 @@ class FederatedTrainer:
         if self.client_batch and clients:
             # longest first: the slots of clients that finish are refilled, so the short ones fill the tail
             order = sorted(clients, key=lambda c: (-int(fed.sizes[c]), c))
-            jobs = [ClientJob(c, functools.partial(self._client_batches, round_idx, c),
-                              fed.privacy.client_noise(c, round_idx, int(fed.sizes[c]))) for c in order]
-            trainer = BatchedClientTrainer(self.model, self.layout, cfg.optim, min(self.client_batch, len(clients)),
-                                           device, cfg.model.precision, compile=cfg.run.compile,
-                                           batch_size=cfg.data.batch_size)
+            jobs = [ClientJob(c, functools.partial(self._client_batches, round_idx, c, deferred=True),
+                              fed.privacy.client_noise(c, round_idx, int(fed.sizes[c])), **self._slot_hooks(c, sent))
+                    for c in order]
+            trainer = BatchedClientTrainer(self.model, self.client_parts.full_layout, cfg.optim,
+                                           min(self.client_batch, len(clients)), device, cfg.model.precision,
+                                           compile=cfg.run.compile, batch_size=cfg.data.batch_size)
             yield from trainer.train(sent, jobs)
             return
         parts = self.client_parts
@@ -309,6 +304,16 @@ class FederatedTrainer:
                               precision=cfg.model.precision)
             res.delta = parts.finish(client, res.delta, self.global_vec)  # its local parts stored
             yield client, res
+
+    def _slot_hooks(self, client: int, sent: torch.Tensor) -> dict:
+        """A batched client's own slot row (from ``sent``, the state it decodes), update and rank (``ClientJob``)
+        where it has local parts or a rank."""
+        parts = self.client_parts
+        if not parts.per_client:
+            return {}
+        return {"start": functools.partial(parts.slot_start, client, sent),
+                "finish": functools.partial(parts.slot_finish, client, global_vec=self.global_vec),
+                "rank": parts.rank_of(client)}
 
     def _evaluate(self) -> tuple[float, float]:
         comm = self.comm

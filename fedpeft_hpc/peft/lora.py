@@ -7,11 +7,13 @@ leading client dimension. B starts at zero (the model starts as the backbone).
 Heterogeneous ranks (``peft.lora_ranks``, HetLoRA): the model holds the largest rank and
 ``set_active_rank`` makes every LoRA layer use only its first ``r`` components (a mask on
 ``A x``, so A's last rows and B's last columns get exactly zero gradient and Opacus still
-sees plain Linear modules).
+sees plain Linear modules). Client-batched training gives each slot its own mask
+(``rank_masks``: the LoRA layers take a ``[r_max]`` mask, batched over slots under vmap).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -51,12 +53,42 @@ def set_active_rank(model: nn.Module, rank: int | None) -> None:
     for m in model.modules():
         if isinstance(m, LoRALinear):
             full = m.lora_A.out_features
-            if rank is None or rank >= full:
-                m.rank_mask = None
-            else:
-                mask = torch.zeros(full, device=m.lora_A.weight.device)
-                mask[:rank] = 1.0
-                m.rank_mask = mask
+            m.rank_mask = (None if rank is None or rank >= full
+                           else components_mask(full, rank, m.lora_A.weight.device))
+
+
+def lora_layers(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def rank_components(layers: list[LoRALinear]) -> int:
+    """The (largest) rank the LoRA layers hold: the length of a rank mask."""
+    dims = {m.lora_A.out_features for m in layers}
+    if len(dims) != 1:
+        raise ValueError(f"LoRA layers of different ranks {sorted(dims)}: one rank mask cannot serve them")
+    return dims.pop()
+
+
+def components_mask(full: int, rank: int | None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[full]`` float mask: ones for the first ``rank`` components (all of them for ``None``)."""
+    return (torch.arange(full, device=device) < (full if rank is None else rank)).to(torch.float32)
+
+
+@contextlib.contextmanager
+def rank_masks(layers: list[LoRALinear], mask: torch.Tensor | None):
+    """Within the block, every layer of ``layers`` masks ``A x`` by ``mask`` (``[r_max]``; under vmap a slot's
+    or a sample's own row); ``None``: unchanged."""
+    if mask is None:
+        yield
+        return
+    before = [m.rank_mask for m in layers]
+    for m in layers:
+        m.rank_mask = mask
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m.rank_mask = b
 
 
 def truncated_shape(name: str, shape: tuple[int, ...], rank: int) -> tuple[int, ...]:
