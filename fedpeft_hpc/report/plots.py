@@ -56,7 +56,8 @@ def curves(coll: Collection, metric: str = "test_acc", up_only: bool = False) ->
             mbs = [p[k][1] for p in per_run if k in p]
             acc_mean.append(np.mean(accs))
             acc_std.append(np.std(accs, ddof=1) if len(accs) > 1 else 0.0)
-            mb_mean.append(np.mean(mbs))
+            known = [m for m in mbs if math.isfinite(m)]  # runs whose rows hold the bytes (not withheld under DP)
+            mb_mean.append(np.mean(known) if known else math.nan)
         done = sum(r.finished for r in recs)
         what = coll.label(recs[0])
         if sum(coll.label(rs[0]) == what for rs in coll.settings().values()) > 1:  # same name, other computation
@@ -147,7 +148,8 @@ def plot_accuracy_vs_bytes(coll: Collection, path: Path, panels: list[str] | Non
                         len(groups),
                         ylabel="test accuracy (top-1)" if metric == "test_acc" else "personal_acc (top-1)")
     for ax, (subtitle, part) in zip(axes, groups):
-        cs = curves(part, metric, up_only)
+        # settings whose rows hold no byte counts at all (withheld under DP) have no place on this x axis
+        cs = [c for c in curves(part, metric, up_only) if np.isfinite(c.mb_mean).any()]
         for c in cs:
             (line,) = ax.plot(c.mb_mean, c.acc_mean, marker="o", markersize=3, label=c.label)
             ax.fill_between(c.mb_mean, c.acc_mean - c.acc_std, c.acc_mean + c.acc_std, color=line.get_color(),
