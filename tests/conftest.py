@@ -29,6 +29,14 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
+def assert_same_stores(sa, sb, num_clients: int, tol: float) -> None:
+    """Two client-state stores wrote the same clients, at least one, with rows equal within ``tol``; closes both."""
+    assert [sa.written(c) for c in range(num_clients)] == [sb.written(c) for c in range(num_clients)]
+    assert any(sa.written(c) for c in range(num_clients))
+    assert max(float((sa.get_vec(c) - sb.get_vec(c)).abs().max()) for c in range(num_clients)) <= tol
+    sa.close(), sb.close()
+
+
 def kill_after_rounds(cmd: list[str], run_dir: Path, rounds: int, timeout: float = 240) -> None:
     """Start ``cmd`` and SIGKILL it once ``run_dir/metrics.jsonl`` holds ``rounds`` rows."""
     import signal

@@ -21,7 +21,8 @@ from fedpeft_hpc.runs.client_state import ClientStateStore
 from fedpeft_hpc.train import train
 from fedpeft_hpc.utils.files import read_jsonl
 from fedpeft_hpc.utils.streams import torch_generator
-from tests.conftest import BIN, QUICKSTART, kill_after_rounds, run_cli, subprocess_env, tiny_overrides
+from tests.conftest import (BIN, QUICKSTART, assert_same_stores, kill_after_rounds, run_cli, subprocess_env,
+                            tiny_overrides)
 
 BIAS = 3082  # bias terms + head of the quickstart model (fedpeft-hpc inspect)
 
@@ -220,10 +221,7 @@ def _same_runs(a, b, tol):
     n = sum(t.numel() for t in ca.peft.values())
     sa, sb = (ClientStateStore(d / RESIDUAL_DIR, {"r": torch.zeros(n)}, 8, read_only=True, upto_round=ca.round)
               for d in (a, b))
-    assert [sa.written(c) for c in range(8)] == [sb.written(c) for c in range(8)]
-    assert any(sa.written(c) for c in range(8))
-    assert max(float((sa.get_vec(c) - sb.get_vec(c)).abs().max()) for c in range(8)) <= tol
-    sa.close(), sb.close()
+    assert_same_stores(sa, sb, 8, tol)
 
 
 def test_error_feedback_is_the_same_for_1_and_2_processes(tmp_path):

@@ -21,7 +21,8 @@ from fedpeft_hpc.runs.client_state import ClientStateStore
 from fedpeft_hpc.train import train
 from fedpeft_hpc.utils.files import read_jsonl
 from fedpeft_hpc.utils.streams import CLIENT_LAYERS, derived_seed
-from tests.conftest import BIN, QUICKSTART, kill_after_rounds, run_cli, subprocess_env, tiny_overrides
+from tests.conftest import (BIN, QUICKSTART, assert_same_stores, kill_after_rounds, run_cli, subprocess_env,
+                            tiny_overrides)
 
 # the quickstart model: embed 64, 4 blocks, LoRA rank 4 on qkv (64 -> 192) and proj (64 -> 64), 10 classes
 B_FACTORS = 4 * (192 * 4 + 64 * 4)  # LoRA B of qkv and proj in 4 blocks
@@ -194,10 +195,7 @@ def _same_runs(a, b, num_clients, tol):
     assert ca.peft.keys() == cb.peft.keys()
     assert max(float((ca.peft[k] - cb.peft[k]).abs().max()) for k in ca.peft) <= tol
     sa, sb = store_of(a, num_clients), store_of(b, num_clients)
-    assert [sa.written(c) for c in range(num_clients)] == [sb.written(c) for c in range(num_clients)]
-    assert any(sa.written(c) for c in range(num_clients))
-    assert max(float((sa.get_vec(c) - sb.get_vec(c)).abs().max()) for c in range(num_clients)) <= tol
-    sa.close(), sb.close()
+    assert_same_stores(sa, sb, num_clients, tol)
 
 
 def test_local_parts_are_the_same_for_1_and_2_processes(tmp_path):
